@@ -1,0 +1,435 @@
+"""T5 text embeddings for IF, computed once and cached on disk, so the 4.7B-parameter encoder never
+sits beside the U-Net while training.
+
+    python t5cache.py CONFIG [--key=value ...]    # encode every caption the config can produce
+
+Text is prepared exactly as IF's pipelines do: lowercase + strip, T5 tokenizer padded to
+`tokenizer_max_length` (77), truncated, `</s>` appended, attention mask to T5 only, and all L output
+vectors kept (pad positions are not zero and the U-Net reads them). The cache is a folder:
+
+    index.json                      encoder identity, max_length, dtype, dim, and the shard list
+    shard-r<rank>-<seq>.safetensors emb [N, L, D] (bf16), lengths [N] (tokens incl. </s>; the mask
+                                    is a prefix of ones), keys [N, 32] (sha256 of caption + settings)
+
+A shard is written to a .tmp file, fsynced and renamed before the index names it, so a killed build
+loses at most the shard in flight, and a re-run encodes only what is missing. Readers memory-map
+the shards once and gather rows: `TextCache(dir).get(captions) -> [B, L, D]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import time
+from pathlib import Path
+
+import torch
+
+IF_T5 = "DeepFloyd/IF-I-XL-v1.0"  # all IF stages share one T5 v1.1 XXL; stage II folders may lack it
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                      "I32": torch.int32, "U8": torch.uint8}
+BUILD_CMD = "python t5cache.py CONFIG"
+
+
+def prepare_caption(text: str, clean_caption: bool = False) -> str:
+    """IF's text preprocessing (IF_REFERENCE §4): lowercase and strip."""
+    if clean_caption:
+        # IF's optional cleaning (URLs, HTML via beautifulsoup4, ftfy, ~40 ad-hoc regexes, applied twice)
+        # is not reimplemented here; the pipelines' default is off and that is what IF trained with.
+        raise NotImplementedError(
+            "clean_caption=True (IF's heavy caption cleaning: beautifulsoup4 + ftfy + regexes) is not "
+            "implemented; clean your captions beforehand, or set clean_caption=False (IF's default)")
+    return text.lower().strip()
+
+
+def caption_key(prepared: str, identity: str, max_length: int, dtype: torch.dtype) -> bytes:
+    """sha256 of everything that decides an embedding; 32 bytes."""
+    return hashlib.sha256(json.dumps([prepared, identity, max_length, str(dtype)]).encode()).digest()
+
+
+def _dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+            "fp16": torch.float16, "float16": torch.float16}[str(name).removeprefix("torch.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the encoder
+
+
+class TextEncoder:
+    """T5 encoder + tokenizer from a diffusers-layout folder (text_encoder/ + tokenizer/), a plain
+    T5 folder, or a Hub id. dtype "auto"/None: bf16 on CUDA (as IF ran it), fp32 on CPU, which is more
+    precise and never slowed by missing bf16 hardware; bf16 needs AVX512-BF16/AMX to be fast (with AMX
+    it measured ~3x faster than fp32 for a 512-wide T5): pass dtype="bf16" there. The dtype is part of
+    the cache identity."""
+
+    def __init__(self, path_or_repo_id: str, *, max_length: int = 77, dtype=None, device=None,
+                 clean_caption: bool = False):
+        import transformers
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        prepare_caption("", clean_caption)  # fail now, not after loading 9.5 GB
+        cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+        self.device = torch.device(device) if device is not None else (cuda or torch.device("cpu"))
+        auto = dtype in (None, "auto")
+        self.dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if auto else _dtype(dtype)
+        self.max_length, self.clean_caption, self.name = max_length, clean_caption, str(path_or_repo_id)
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+        def load(sub_model: str, sub_tokenizer: str):
+            kw = {dtype_kw: self.dtype, "subfolder": sub_model}
+            try:  # SDPA inside T5 where this transformers offers it
+                model = T5EncoderModel.from_pretrained(src, attn_implementation="sdpa", **kw)
+            except ValueError:
+                model = T5EncoderModel.from_pretrained(src, **kw)
+            return model, AutoTokenizer.from_pretrained(src, subfolder=sub_tokenizer)
+
+        p = Path(path_or_repo_id).expanduser()
+        src = str(p) if p.is_dir() else str(path_or_repo_id)
+        if not p.is_dir():  # Hub id: only the two subfolders of a diffusers repo, else a plain T5 repo
+            try:
+                self.model, self.tokenizer = load("text_encoder", "tokenizer")
+            except OSError:
+                self.model, self.tokenizer = load("", "")
+        elif (p / "text_encoder").is_dir():  # diffusers layout
+            self.model, self.tokenizer = load("text_encoder", "tokenizer")
+        elif (p / "config.json").is_file():  # plain T5 folder
+            self.model, self.tokenizer = load("", "")
+        else:
+            raise FileNotFoundError(f"{p} has neither text_encoder/ (diffusers layout) nor config.json (a T5 "
+                                    f"folder); set text_encoder to a folder or Hub id with a T5, e.g. {IF_T5}")
+        self.model.to(self.device).eval().requires_grad_(False)
+        if self.tokenizer("a").input_ids[-1] != self.tokenizer.eos_token_id:
+            raise ValueError(f"the tokenizer of {self.name} does not append </s>; IF's T5 tokenizer does")
+        self.identity = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        """Name-independent identity: architecture, vocabulary, a sample of every weight, dtype. The same
+        weights loaded from a folder or the Hub give the same identity; a fine-tune does not."""
+        c = self.model.config
+        h = hashlib.sha256(json.dumps([c.d_model, c.d_kv, c.d_ff, c.num_layers, c.num_heads, c.feed_forward_proj,
+                                       c.relative_attention_num_buckets, c.relative_attention_max_distance,
+                                       c.layer_norm_epsilon, sorted(self.tokenizer.get_vocab().items())]).encode())
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(name.encode() + p.flatten()[:64].float().cpu().numpy().tobytes())
+        return f"t5-d{c.d_model}-l{c.num_layers}-{str(self.dtype).removeprefix('torch.')}-{h.hexdigest()[:16]}"
+
+    def tokenize(self, prepared: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """IF's tokenization: ids and attention mask, both [B, L] int64."""
+        t = self.tokenizer(prepared, padding="max_length", max_length=self.max_length, truncation=True,
+                           add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        return t.input_ids, t.attention_mask
+
+    @torch.inference_mode()
+    def encode(self, captions: list[str] | str, return_mask: bool = False):
+        """Captions -> T5 last hidden states [B, L, D] (model dtype, on its device); mask [B, L] if asked."""
+        captions = [captions] if isinstance(captions, str) else captions
+        ids, mask = self.tokenize([prepare_caption(c, self.clean_caption) for c in captions])
+        emb = self.model(ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state  # [B, L, D]
+        return (emb, mask) if return_mask else emb
+
+    def free(self) -> None:
+        """Drop T5 from (GPU) memory."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+
+def make_tiny_t5(out_dir, texts: list[str], *, d_model: int = 32, layers: int = 2, heads: int = 2, d_ff: int = 64,
+                 vocab_size: int = 256, seed: int = 0) -> Path:
+    """A random-weight T5 encoder + a SentencePiece tokenizer trained on `texts`, saved in the diffusers
+    layout (out_dir/text_encoder, out_dir/tokenizer) so TextEncoder loads it like the real one."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    out = Path(out_dir)
+    buf = io.BytesIO()  # T5's special ids: <pad>=0, </s>=1, <unk>=2, no <s>
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+                                   normalization_rule_name="identity", num_threads=1)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(out / "tokenizer")
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=layers,
+                      num_heads=heads, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        T5EncoderModel(config).save_pretrained(out / "text_encoder")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+class MissingCaptionError(LookupError):
+    """A caption asked of a TextCache that was never encoded into it."""
+
+
+def _keys(t: torch.Tensor) -> list[bytes]:
+    kb = t.numpy().tobytes()  # [N, 32] uint8 -> N sha256 digests
+    return [kb[i:i + 32] for i in range(0, len(kb), 32)]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the folder: after a crash the file is either absent or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of a .safetensors file as views of one copy-on-write memory map (nothing read yet)."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    n = int.from_bytes(mm[:8], "little")  # format: u64 header size, JSON header, raw little-endian data
+    header = json.loads(mm[8:8 + n])
+    data = torch.frombuffer(mm, dtype=torch.uint8)[8 + n:]
+    meta = header.pop("__metadata__", {}) or {}
+    tensors = {k: data[v["data_offsets"][0]:v["data_offsets"][1]].view(SAFETENSORS_DTYPES[v["dtype"]])
+               .view(v["shape"]) for k, v in header.items()}
+    return tensors, meta
+
+
+def _check_meta(cache_dir: Path, have: dict, want: dict) -> None:
+    diff = {k: (have.get(k), v) for k, v in want.items() if have and have.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: cache has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the text cache at {cache_dir} was built with other settings ({detail}); it will not be "
+                         f"mixed. Use another text_cache_dir, or delete {cache_dir} to rebuild it.")
+
+
+def _scan(cache_dir: Path) -> dict[str, tuple[dict, list[bytes]]]:
+    """Every complete shard in the folder, indexed or not -> (its settings, its keys). A shard renamed
+    into place just before a crash, or written by another rank, is adopted here."""
+    shards = {}
+    for p in sorted(cache_dir.glob("shard-*.safetensors")):
+        tensors, meta = _mmap_safetensors(p)
+        shards[p.name] = ({k: json.loads(v) for k, v in meta.items()}, _keys(tensors["keys"]))
+    return shards
+
+
+def _source_stamp(src: str) -> str:
+    """Names, sizes and mtimes of a local encoder's files (the Hub id itself otherwise): if unchanged since
+    the last build, the cache's identity can be trusted without loading T5 again."""
+    p = Path(src).expanduser()
+    if not p.is_dir():
+        return src
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    stamp = [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+
+
+class TextCache:
+    """Read side: `get(captions) -> [B, L, D]` (mask [B, L] int64 too with return_mask=True)."""
+
+    def __init__(self, cache_dir):
+        self.dir = Path(cache_dir)
+        if not (self.dir / "index.json").is_file():
+            raise FileNotFoundError(f"no text cache at {self.dir} (no index.json); build it with `{BUILD_CMD}`")
+        self.meta = json.loads((self.dir / "index.json").read_text())
+        self.dtype = _dtype(self.meta["dtype"])
+        self.emb, self.lengths, self.rows = [], [], {}  # rows: key -> (shard, row)
+        for s, name in enumerate(self.meta["shards"]):
+            tensors, _ = _mmap_safetensors(self.dir / name)
+            self.emb.append(tensors["emb"])  # [N, L, D], memory-mapped
+            self.lengths.append(tensors["lengths"])
+            self.rows.update((k, (s, i)) for i, k in enumerate(_keys(tensors["keys"])))
+
+    def key(self, caption: str) -> bytes:
+        m = self.meta
+        return caption_key(prepare_caption(caption, m["clean_caption"]), m["identity"], m["max_length"], self.dtype)
+
+    def missing(self, captions: list[str]) -> list[str]:
+        return [c for c in dict.fromkeys(captions) if self.key(c) not in self.rows]
+
+    def has(self, captions: list[str] | str) -> bool:
+        return not self.missing([captions] if isinstance(captions, str) else captions)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, captions: list[str], return_mask: bool = False, out: torch.Tensor | None = None):
+        """`out` ([B, L, D], e.g. a pinned buffer reused every step) saves a fresh allocation, whose page
+        faults cost more than the copy itself."""
+        locs = [self.rows.get(self.key(c)) for c in captions]
+        if None in locs:
+            missing = [c for c, loc in zip(captions, locs) if loc is None]
+            raise MissingCaptionError(
+                f"{len(missing)} caption(s) not in the text cache {self.dir} (encoder {self.meta['encoder']}, "
+                f"max_length {self.meta['max_length']}), e.g. {missing[0]!r}. Build them with `{BUILD_CMD}` "
+                "(it encodes only what is missing).")
+        emb = torch.empty(len(locs), *self.emb[0].shape[1:], dtype=self.dtype) if out is None else out  # [B, L, D]
+        for j, (s, r) in enumerate(locs):
+            emb[j].copy_(self.emb[s][r])  # reads only this row's pages of the memory map
+        if not return_mask:
+            return emb
+        lengths = torch.stack([self.lengths[s][r] for s, r in locs]).long()  # [B]
+        return emb, (torch.arange(emb.shape[1]) < lengths[:, None]).long()  # [B, L]
+
+
+def build_cache(captions: list[str], encoder, cache_dir, *, batch_size: int = 32, max_length: int = 77,
+                encoder_dtype=None, dtype=torch.bfloat16, clean_caption: bool = False, device=None,
+                shard_size: int | None = None, progress: bool = True) -> dict:
+    """Encode every caption not yet in `cache_dir` (plus ""), once each, in batches, into new shards.
+    `encoder` is a TextEncoder, or a path/Hub id loaded only if something is missing. Under torchrun
+    each rank encodes every WORLD_SIZE-th missing caption into its own shards; after a barrier rank 0
+    indexes them all. Returns counts (total, cached, encoded), bytes on disk and captions/s."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cache_dir, dtype = Path(cache_dir), _dtype(dtype)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if isinstance(encoder, TextEncoder):
+        max_length, clean_caption = encoder.max_length, encoder.clean_caption
+    prepared = list(dict.fromkeys(prepare_caption(c, clean_caption) for c in [*captions, ""]))  # dedup
+    want = {"max_length": max_length, "dtype": str(dtype).removeprefix("torch."), "clean_caption": clean_caption}
+    index_path = cache_dir / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    _check_meta(cache_dir, index, want)
+    for tmp in cache_dir.glob(f"shard-r{rank}-*.tmp"):  # the shard in flight when a build was killed
+        tmp.unlink()
+    shards = _scan(cache_dir)
+    stored = {k for _, keys in shards.values() for k in keys}
+    # Fast path: same encoder files, same settings, nothing missing -> T5 need not be loaded at all.
+    if (not isinstance(encoder, TextEncoder) and index.get("source") == _source_stamp(str(encoder))
+            and set(index["shards"]) == set(shards)
+            and all(caption_key(p, index["identity"], max_length, dtype) in stored for p in prepared)):
+        return _report(cache_dir, len(prepared), 0, 0.0, rank)
+    if not isinstance(encoder, TextEncoder):
+        encoder = TextEncoder(encoder, max_length=max_length, dtype=encoder_dtype, device=device,
+                              clean_caption=clean_caption)
+    want["identity"] = encoder.identity
+    for m, _ in [(index, None), *shards.values()]:
+        _check_meta(cache_dir, m, want)
+    meta = {**want, "encoder": encoder.name, "source": _source_stamp(encoder.name),
+            "dim": encoder.model.config.d_model}
+    todo = [p for p in prepared if caption_key(p, encoder.identity, max_length, dtype) not in stored][rank::world]
+    if world > 1:
+        dist.barrier()  # every rank has split the same list before any rank writes a shard
+    # No sorting by length: IF keeps all L outputs (pad positions included), so every caption costs a
+    # full L-token forward whatever its length; padding to the batch's longest would change the result.
+    shard_size = shard_size or max(1, (256 << 20) // (max_length * meta["dim"] * dtype.itemsize))  # ~256 MiB
+    seq = 1 + max([int(p.stem.split("-")[-1]) for p in cache_dir.glob(f"shard-r{rank}-*.safetensors")], default=-1)
+    buf_emb, buf_len, buf_keys = [], [], []
+
+    def flush():
+        nonlocal seq, buf_emb, buf_len, buf_keys
+        from safetensors.torch import save
+        tensors = {"emb": torch.cat(buf_emb), "lengths": torch.cat(buf_len),  # [N, L, D], [N]
+                   "keys": torch.frombuffer(bytearray(b"".join(buf_keys)), dtype=torch.uint8).view(-1, 32)}
+        name = f"shard-r{rank}-{seq:06d}.safetensors"
+        _atomic_write(cache_dir / name, save(tensors, metadata={k: json.dumps(v) for k, v in want.items()}))
+        shards[name] = (want, buf_keys)
+        if world == 1:  # the shard is in place: now name it in the index
+            _write_index(cache_dir, meta, shards)
+        seq, buf_emb, buf_len, buf_keys = seq + 1, [], [], []
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="T5", unit="caption", disable=not progress or rank != 0)
+    t_enc = time.time()
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i:i + batch_size]
+        emb, mask = encoder.encode(batch, return_mask=True)  # [b, L, D], [b, L]
+        lengths = mask.sum(1)
+        if not torch.equal(mask, (torch.arange(mask.shape[1]) < lengths[:, None]).long()):
+            raise ValueError("this tokenizer pads on the left; the cache stores masks as lengths (T5 pads right)")
+        buf_emb.append(emb.to("cpu", dtype))
+        buf_len.append(lengths.int())
+        buf_keys += [caption_key(p, encoder.identity, max_length, dtype) for p in batch]
+        if len(buf_keys) >= shard_size:
+            flush()
+        bar.update(len(batch))
+    if buf_keys:
+        flush()
+    bar.close()
+    t_enc = time.time() - t_enc
+    if world > 1:
+        dist.barrier()  # every rank's shards are in place
+        if rank == 0:
+            _write_index(cache_dir, meta, _scan(cache_dir))
+        dist.barrier()  # and the index names them all
+    else:
+        _write_index(cache_dir, meta, shards)  # also adopts shards a killed build renamed but never indexed
+    return _report(cache_dir, len(prepared), len(todo), t_enc, rank)
+
+
+def _write_index(cache_dir: Path, meta: dict, shards: dict) -> None:
+    index = {**meta, "shards": sorted(shards), "captions": sum(len(keys) for _, keys in shards.values())}
+    _atomic_write(cache_dir / "index.json", (json.dumps(index, indent=1) + "\n").encode())
+
+
+def _report(cache_dir: Path, total: int, encoded: int, seconds: float, rank: int) -> dict:
+    size = sum(p.stat().st_size for p in cache_dir.glob("shard-*.safetensors"))
+    index_bytes = (cache_dir / "index.json").stat().st_size
+    rate = encoded / seconds if encoded else None
+    if rank == 0:
+        speed = f" in {seconds:.1f} s, {rate:.1f} captions/s" if encoded else ""
+        print(f"t5cache: {total} captions: {total - encoded} already cached, {encoded} encoded{speed}; "
+              f"{cache_dir}: {size / 2**20:.1f} MiB of shards + {index_bytes / 1024:.1f} KiB index")
+    return {"total": total, "cached": total - encoded, "encoded": encoded, "bytes": size,
+            "index_bytes": index_bytes, "captions_per_s": rate}
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def default_text_encoder(cfg) -> str:
+    """cfg.text_encoder, else the T5 of cfg.weights; stage II repos have none, so then IF-I-XL's."""
+    if cfg.text_encoder:
+        return cfg.text_encoder
+    w = cfg.weights
+    if (Path(w).is_dir() and not (Path(w) / "text_encoder").is_dir()) or w.startswith("DeepFloyd/IF-II"):
+        print(f"t5cache: {w} has no text_encoder/ (stage II ships none); using the T5 of {IF_T5}")
+        return IF_T5
+    return w
+
+
+def default_cache_dir(cfg) -> str:
+    """cfg.text_cache_dir, else cache/t5 beside output_dir (./cache/t5 for the default output_dir), so
+    runs with different output_dirs next to each other share one cache (entries are keyed by encoder)."""
+    return cfg.text_cache_dir or str(Path(cfg.output_dir).parent / "cache" / "t5")
+
+
+def main(cfg) -> dict:
+    import data  # only the command line needs the datasets
+
+    captions = [*data.all_captions(cfg), *cfg.validation_prompts, cfg.validation_negative_prompt,
+                cfg.negative_prompt, ""]
+    return build_cache(captions, default_text_encoder(cfg), default_cache_dir(cfg),
+                       batch_size=cfg.text_encoder_batch_size, max_length=cfg.tokenizer_max_length,
+                       encoder_dtype=cfg.text_encoder_dtype, clean_caption=cfg.clean_caption, device=cfg.device)
+
+
+if __name__ == "__main__":
+    from config import parse_args
+
+    main(parse_args(usage=f"usage: {BUILD_CMD} [--key=value ...]   (encode every caption into the text cache)"))

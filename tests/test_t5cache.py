@@ -1,0 +1,202 @@
+"""t5cache.py against a direct T5EncoderModel forward with IF's tokenization, on a tiny random T5."""
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import t5cache
+from config import load_config
+
+WORDS = ("a photo of the cat dog red blue green big small house tree under over sky an with on in painting "
+         "portrait castle river mountain at night sunset watercolor oil sketch").split()
+
+
+def captions(n: int, seed: int = 0) -> list[str]:
+    """n distinct lowercase captions of 1 to 25 words."""
+    rng, out = random.Random(seed), {}
+    while len(out) < n:
+        out[" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 25)))] = None
+    return list(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops on a busy 2-core machine spend most of their time in thread hand-offs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return t5cache.make_tiny_t5(tmp_path_factory.mktemp("t5"), captions(300, seed=123))
+
+
+def reference(tiny, prepared: list[str], max_length: int = 77):
+    """What IF's pipeline does, straight through transformers: one batch, fp32."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    model = T5EncoderModel.from_pretrained(tiny / "text_encoder").eval()
+    t = tok(prepared, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+            return_tensors="pt")
+    with torch.no_grad():
+        return model(t.input_ids, attention_mask=t.attention_mask).last_hidden_state, t.attention_mask, tok
+
+
+def test_cache_equals_pipeline_forward_bit_for_bit(tiny, tmp_path):
+    long = " ".join(captions(12, seed=7))  # far more than 77 tokens
+    raw = ["A Photo of a CAT  ", "a photo of a cat", "\tRed House\n", "red house", long, *captions(300), "Sky"]
+    prepared = list(dict.fromkeys([c.lower().strip() for c in raw] + [""]))  # the order build_cache encodes in
+    ref, ref_mask, tok = reference(tiny, prepared)  # [N, 77, 32]
+
+    untruncated = tok(long.lower()).input_ids
+    assert len(untruncated) > 77
+    truncated = tok(long.lower(), max_length=77, truncation=True).input_ids
+    assert truncated == untruncated[:76] + [tok.eos_token_id]  # T5 keeps </s> as the last of the 77
+
+    for dtype in (torch.bfloat16, torch.float32):
+        cache_dir = tmp_path / str(dtype)
+        stats = t5cache.build_cache(raw, str(tiny), cache_dir, batch_size=512, dtype=dtype, progress=False)
+        assert stats["encoded"] == len(prepared) <= len(raw) - 2 + 1  # two duplicates after lowercasing, plus ""
+        cache = t5cache.TextCache(cache_dir)
+        emb, mask = cache.get(raw, return_mask=True)
+        rows = [prepared.index(c.lower().strip()) for c in raw]
+        assert emb.dtype == dtype and emb.shape == (len(raw), 77, 32)
+        assert torch.equal(emb, ref[rows].to(dtype))
+        assert torch.equal(mask, ref_mask[rows])
+        assert mask[4].all() and mask[1].sum() == 6  # the long caption fills all 77; "a photo of a cat" + </s>
+        assert emb[1, 6:].abs().sum() > 0  # pad positions are kept, not zeroed
+        assert torch.equal(cache.get([""]), ref[[prepared.index("")]].to(dtype))
+
+    # bytes on disk: shards within 1% of the raw [N, 77, 32] bf16 payload; the index is reported apart
+    shards = list((tmp_path / str(torch.bfloat16)).glob("shard-*.safetensors"))
+    payload = len(prepared) * 77 * 32 * 2
+    assert sum(p.stat().st_size for p in shards) / payload < 1.01
+    assert (tmp_path / str(torch.bfloat16) / "index.json").stat().st_size < 1024
+
+
+def test_batched_encoding_matches_per_caption(tiny):
+    # Every caption is padded to the same 77 tokens and T5 masks only keys, so a row's result cannot depend
+    # on its batch-mates; only the GEMM kernel's blocking over the batch may change the fp32 summation
+    # order, hence fp32 rounding-level tolerances (assert_close's fp32 defaults).
+    enc = t5cache.TextEncoder(str(tiny))
+    caps = captions(12, seed=5)
+    batched = enc.encode(caps)
+    single = torch.cat([enc.encode([c]) for c in caps])
+    torch.testing.assert_close(batched, single)
+
+
+def _slow_build(tiny, cache_dir, caps):
+    enc = t5cache.TextEncoder(str(tiny))
+    encode = enc.encode
+    enc.encode = lambda *a, **k: (time.sleep(0.1), encode(*a, **k))[1]
+    t5cache.build_cache(caps, enc, cache_dir, batch_size=4, shard_size=4, progress=False)
+
+
+def test_killed_build_resumes_without_recomputing(tiny, tmp_path):
+    caps = captions(60, seed=11)
+    prepared = list(dict.fromkeys([c.lower().strip() for c in caps] + [""]))
+    cache_dir = tmp_path / "cache"
+    child = multiprocessing.get_context("fork").Process(target=_slow_build, args=(tiny, cache_dir, caps))
+    child.start()
+    deadline = time.time() + 30
+    while len(list(cache_dir.glob("shard-*.safetensors"))) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL  # killed mid-way, not finished
+    shards = sorted(cache_dir.glob("shard-*.safetensors"))
+    assert 3 <= len(shards) < 16
+    # Simulate the worst moments of a crash: a half-written shard, and a shard renamed into place but not
+    # yet named in the index.
+    (cache_dir / "shard-r0-000999.safetensors.tmp").write_bytes(b"\x00" * 100)
+    index = json.loads((cache_dir / "index.json").read_text())
+    index["shards"] = [s for s in index["shards"] if s != shards[-1].name]
+    (cache_dir / "index.json").write_text(json.dumps(index))
+    stored = sum(len(keys) for _, keys in t5cache._scan(cache_dir).values())
+    assert 12 <= stored < len(prepared)
+
+    enc = t5cache.TextEncoder(str(tiny))
+    encoded = []
+    encode = enc.encode
+    enc.encode = lambda batch, **k: (encoded.extend(batch), encode(batch, **k))[1]
+    stats = t5cache.build_cache(caps, enc, cache_dir, batch_size=4, shard_size=4, progress=False)
+    assert len(encoded) == stats["encoded"] == len(prepared) - stored  # nothing stored is encoded again
+    assert not list(cache_dir.glob("*.tmp"))
+
+    cache = t5cache.TextCache(cache_dir)
+    assert len(cache) == len(prepared) and cache.meta["shards"] == [p.name for p in
+                                                                   sorted(cache_dir.glob("shard-*.safetensors"))]
+    ref, _, _ = reference(tiny, prepared)
+    # Cached rows came from other batches than the reference's one batch (see the test above): to one
+    # bf16 rounding step. A corrupt or misplaced row would be off by far more.
+    torch.testing.assert_close(cache.get(prepared).float(), ref.bfloat16().float(), rtol=2**-8, atol=0)
+
+
+def test_other_settings_or_encoder_are_refused(tiny, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    t5cache.build_cache(["a cat"], str(tiny), cache_dir, progress=False)
+    with pytest.raises(ValueError, match="max_length: cache has 77, asked 32"):
+        t5cache.build_cache(["a dog"], str(tiny), cache_dir, max_length=32, progress=False)
+    with pytest.raises(ValueError, match="dtype"):
+        t5cache.build_cache(["a dog"], str(tiny), cache_dir, dtype=torch.float32, progress=False)
+    other = t5cache.make_tiny_t5(tmp_path / "other", captions(300, seed=123), seed=1)  # same shape, other weights
+    with pytest.raises(ValueError, match="identity"):
+        t5cache.build_cache(["a dog"], str(other), cache_dir, progress=False)
+    with pytest.raises(ValueError, match="identity"):
+        t5cache.build_cache(["a dog"], str(tiny), cache_dir, encoder_dtype="bf16", progress=False)
+    assert t5cache.TextCache(cache_dir).missing(["a cat", "a dog", ""]) == ["a dog"]  # nothing was mixed in
+
+    # Unchanged encoder files and nothing missing: T5 is not even loaded.
+    class NoLoad(t5cache.TextEncoder):
+        def __init__(self, *a, **k):
+            raise AssertionError("T5 loaded although everything is cached")
+
+    monkeypatch.setattr(t5cache, "TextEncoder", NoLoad)
+    assert t5cache.build_cache(["A cat "], str(tiny), cache_dir, progress=False)["encoded"] == 0
+
+
+def test_missing_caption_error_and_no_file_opens(tiny, tmp_path, monkeypatch):
+    t5cache.build_cache(["a cat", "a dog"], str(tiny), tmp_path, progress=False)
+    cache = t5cache.TextCache(tmp_path)
+    assert cache.has(["A Cat", "", "a dog"]) and not cache.has("a bird")
+    assert cache.missing(["a bird", "a cat", "a bird"]) == ["a bird"]
+    with pytest.raises(t5cache.MissingCaptionError, match=r"'a bird'.*python t5cache\.py CONFIG"):
+        cache.get(["a cat", "a bird"])
+
+    def fail(*a, **k):
+        raise AssertionError("a file was opened on the hot path")
+
+    monkeypatch.setattr("builtins.open", fail)
+    monkeypatch.setattr("mmap.mmap", fail)
+    assert cache.get(["a dog", "a cat", "a dog"]).shape == (3, 77, 32)
+
+
+def test_command_line_gathers_every_caption(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "data", SimpleNamespace(all_captions=lambda cfg: ["Cat", "dog"]))
+    cfg = load_config([f"--text_encoder={tiny}", f"--text_cache_dir={tmp_path / 'c'}", "--validation_prompts=['V1']",
+                       "--validation_negative_prompt=blurry", "--negative_prompt=ugly", "--tokenizer_max_length=40"])
+    assert t5cache.main(cfg)["encoded"] == 6
+    cache = t5cache.TextCache(tmp_path / "c")
+    assert cache.has(["cat", "DOG", "v1", "blurry", "ugly", ""]) and cache.get(["cat"]).shape == (1, 40, 32)
+
+
+def test_defaults(tiny, tmp_path):
+    stage2 = tmp_path / "stage2"
+    stage2.mkdir()
+    assert t5cache.default_text_encoder(load_config([f"--pretrained={stage2}"])) == t5cache.IF_T5
+    assert t5cache.default_text_encoder(load_config([f"--pretrained={tiny}"])) == str(tiny)
+    assert t5cache.default_text_encoder(load_config(["--model_flavour=ii-large-1.2b"])) == t5cache.IF_T5
+    assert t5cache.default_text_encoder(load_config(["--text_encoder=x/t5"])) == "x/t5"
+    assert t5cache.default_cache_dir(load_config([])) == os.path.join("cache", "t5")
+    assert t5cache.default_cache_dir(load_config(["--output_dir=runs/a"])) == os.path.join("runs", "cache", "t5")
+    assert t5cache.default_cache_dir(load_config(["--text_cache_dir=/x"])) == "/x"
