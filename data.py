@@ -1,0 +1,585 @@
+"""Image folders -> IF training batches: captions, aspect buckets, progressive downsampling, crops, loader.
+
+    python data.py CONFIG [--key=value ...]   # scan, report skips and buckets, throughput, contact sheet
+
+What happens to one image (sizes in pixels; `crop_box` and `load_item` are the whole story):
+  scan     decode once (JPEGs at 1/8 scale) to weed out broken files; EXIF-oriented size; captions
+  bucket   (w, h) from crop_aspect: square | preserve (its own aspect) | closest / random (crop_aspect_buckets);
+           shorter edge = resolution (pixel) or area = resolution^2 (area); sides multiples of 8 for stage I,
+           of 32 for stage II (so its 4x smaller partner is a valid stage I size); aspect <= max_aspect_ratio
+  box      the source region that becomes the sample. With `crop`: a bucket-sized window at native scale, or,
+           when the image's edge exceeds maximum_image_size, after bringing it to target_downsample_size.
+           Without `crop`: the whole image scaled to cover the bucket (the rounding remainder is cut off)
+  pixels   decode, EXIF orientation, RGB, progressive downsampling to the bucket
+  stage II low_res = the high-res sample itself, brought down 4x by the same progressive path
+Batches: each comes from one bucket of one dataset. An epoch's batch list is a pure function of (seed, epoch)
+and each sample's randomness (crop offset, caption) of (seed, epoch, position in the epoch), so a resumed
+run, another worker count or another rank count never changes what a step sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from config import Config, parse_args
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+# One dataset's keys (SimpleTuner's names) and their defaults.
+DEFAULTS = {
+    "id": None,  # name in reports (default: the folder's name)
+    "instance_data_dir": None,  # required: a folder, searched recursively for IMAGE_EXTS
+    "resolution": None,  # None: 64 for stage I, 256 for stage II
+    "resolution_type": "pixel",  # pixel: shorter edge; area (or pixel_area): side of the square of equal area
+    "crop": False,  # True: a bucket-sized window at native scale; False: the whole image resized into its bucket
+    "crop_aspect": "preserve",  # square | preserve | closest | random (the last two pick from crop_aspect_buckets)
+    "crop_aspect_buckets": [0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0],  # width/height choices
+    "crop_style": "random",  # random | center | corner (top-left)
+    "minimum_image_size": None,  # images whose edge (see resolution_type) is smaller are skipped; None: resolution
+    "maximum_image_size": None,  # with crop: an image whose edge exceeds this is first brought down to...
+    "target_downsample_size": None,  # ...this edge, so a crop keeps >= resolution/target of the scene
+    "caption_strategy": "filename",  # filename (stem, _ -> space) | textfile (x.txt: a caption a line) | instanceprompt
+    "instance_prompt": None,  # str or list of str
+    "prepend_instance_prompt": False,  # caption = f"{instance_prompt} {caption}"
+    "repeats": 0,  # extra passes per epoch (SimpleTuner: 0 means each image once)
+    "probability": None,  # relative share of each epoch's batches; unset everywhere: proportional to size
+}
+CHOICES = {"resolution_type": ("pixel", "area"), "crop_aspect": ("square", "preserve", "closest", "random"),
+           "crop_style": ("random", "center", "corner"), "caption_strategy": ("filename", "textfile", "instanceprompt")}
+
+# Progressive downsampling, as the seed documents it: a downscale by more than 1.5x proceeds in x0.75 steps, then
+# one final resize. Every step is PIL's LANCZOS: the sharpest of its filters, and antialiased (its kernel widens
+# with the ratio), so even one big step would not alias; the steps give the gentler result the seed describes.
+DOWNSCALE_MAX_RATIO = 1.5
+DOWNSCALE_STEP = 0.75
+# Fast path (BOX-then-LANCZOS): JPEGs decode at 1/2..1/8 scale (libjpeg DCT scaling, PIL `draft`), other formats
+# are box-averaged by an integer factor, both only while FAST_MARGIN x the target's resolution per side is left for
+# the LANCZOS steps. 1.5 keeps the result > 44 dB PSNR from the exact path on 3000x2000 photo-like JPEGs (bound: 35)
+# and decodes a 3000x2000 JPEG for a 64 px bucket at 1/8 scale, several times faster than a full decode.
+FAST_MARGIN = 1.5
+BACKGROUND = (255, 255, 255)  # transparency is composited on white: cut-outs and logos are drawn for white pages
+MAX_IMAGE_PIXELS = 89_478_485  # bigger images are skipped as decompression bombs (PIL's default, checked here
+#                                explicitly so PIL's global setting is never touched)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def parse_resolutions(spec) -> list[tuple[int, int]]:
+    """'64,96,64x96,96x64' -> [(64, 64), (96, 96), (64, 96), (96, 64)]: (width, height); one number = square."""
+    out = []
+    for part in str(spec).replace(" ", "").lower().split(","):
+        w, x, h = part.partition("x")
+        try:
+            size = (int(w), int(h if x else w))
+        except ValueError:
+            size = (0, 0)
+        if min(size) <= 0:
+            raise ValueError(f"bad resolution {part!r} in {spec!r}: use S or WxH, e.g. '64,96x64'")
+        out.append(size)
+    return out
+
+
+def _read_backend_json(path: str) -> list:
+    entries = json.loads(Path(path).read_text())
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a multidatabackend.json holds a list of dataset entries")
+    return [e for e in entries if not (e.get("disable") or e.get("disabled"))]
+
+
+def text_cache_dir_from(cfg: Config) -> str | None:
+    """cfg.text_cache_dir, else the `cache_dir` of a multidatabackend.json's text_embeds entry (the default one)."""
+    if cfg.text_cache_dir or not isinstance(cfg.datasets, str):
+        return cfg.text_cache_dir
+    embeds = [e for e in _read_backend_json(cfg.datasets) if e.get("dataset_type") == "text_embeds"]
+    embeds.sort(key=lambda e: not e.get("default"))
+    return embeds[0].get("cache_dir") if embeds else None
+
+
+def load_datasets(cfg: Config) -> list[dict]:
+    """cfg.datasets (a list of dicts or a multidatabackend.json path) -> checked dicts with DEFAULTS filled in."""
+    from_json = isinstance(cfg.datasets, str)
+    raw = _read_backend_json(cfg.datasets) if from_json else cfg.datasets
+    out = []
+    for i, entry in enumerate(raw):
+        kind = entry.get("dataset_type", "image")
+        if kind in ("text_embeds", "image_embeds"):
+            continue  # caches, not images (text_cache_dir_from reads the text cache's place)
+        name = entry.get("id", f"#{i}")
+        if kind != "image" or entry.get("type", "local") != "local":
+            raise ValueError(f"dataset {name!r}: only local image folders are supported (type 'local', dataset_type "
+                             f"'image'), got type={entry.get('type')!r}, dataset_type={kind!r}")
+        unknown = set(entry) - set(DEFAULTS) - {"type", "dataset_type", "disable", "disabled"}
+        if unknown and not from_json:  # a SimpleTuner json carries keys for other trainers' features: ignored
+            raise ValueError(f"dataset {name!r}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        ds = {**DEFAULTS, **{k: v for k, v in entry.items() if k in DEFAULTS}}
+        if ds["resolution_type"] == "pixel_area":
+            ds["resolution_type"] = "area"  # SimpleTuner's name for what we call area
+        ds["resolution"] = int(ds["resolution"] or (256 if cfg.stage == 2 else 64))
+        ds["repeats"] = int(ds["repeats"])
+        if ds["minimum_image_size"] is None:
+            ds["minimum_image_size"] = ds["resolution"]  # never upsample unless asked to
+        folder = ds["instance_data_dir"]
+        if not folder or not Path(folder).is_dir():
+            raise FileNotFoundError(f"dataset {name!r}: instance_data_dir {folder!r} is not a folder")
+        ds["id"] = str(ds["id"] or Path(folder).name)
+        for key, allowed in CHOICES.items():
+            if ds[key] not in allowed:
+                raise ValueError(f"dataset {ds['id']!r}: {key}={ds[key]!r}; choose one of {allowed}")
+        for bad, why in [((ds["maximum_image_size"] is None) != (ds["target_downsample_size"] is None),
+                          "maximum_image_size and target_downsample_size go together"),
+                         (not ds["instance_prompt"] and (ds["caption_strategy"] == "instanceprompt"
+                                                         or ds["prepend_instance_prompt"]),
+                          "caption_strategy='instanceprompt' and prepend_instance_prompt need instance_prompt"),
+                         (ds["repeats"] < 0 or (ds["probability"] or 0) < 0, "repeats and probability must be >= 0")]:
+            if bad:
+                raise ValueError(f"dataset {ds['id']!r}: {why}")
+        out.append(ds)
+    if not out:
+        raise ValueError("no image datasets configured: set `datasets` to a list of dicts with instance_data_dir")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# captions
+
+
+def list_images(ds: dict) -> list[Path]:
+    return sorted(p for p in Path(ds["instance_data_dir"]).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def captions_for(path: Path, ds: dict) -> list[str] | str:
+    """Every caption `path` can train with (one is picked per use), or the reason it has none."""
+    prompts = ds["instance_prompt"]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if ds["caption_strategy"] == "instanceprompt":
+        return prompts
+    if ds["caption_strategy"] == "filename":
+        caps = [" ".join(path.stem.replace("_", " ").split())]
+    else:
+        txt = path.with_suffix(".txt")
+        if not txt.is_file():
+            return f"no caption: {txt.name} is missing"
+        caps = [line.strip() for line in txt.read_text(errors="replace").splitlines() if line.strip()]
+        if not caps:
+            return f"no caption: {txt.name} is empty"
+    return [f"{p} {c}" for p in prompts for c in caps] if ds["prepend_instance_prompt"] else caps
+
+
+def all_captions(cfg: Config) -> list[str]:
+    """Every caption the loader can produce, deduplicated, in a stable order (for prebuilding the T5 cache).
+    Read without decoding images, so it also holds the captions of images the loader will reject."""
+    seen: dict[str, None] = {}
+    for ds in load_datasets(cfg):
+        for path in list_images(ds):
+            caps = captions_for(path, ds)
+            seen.update(dict.fromkeys(caps if isinstance(caps, list) else []))
+    return list(seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding and resizing
+
+
+def open_image(path) -> Image.Image:
+    """Image.open (header only) with the decompression-bomb guard applied explicitly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we raise our own error below
+        img = Image.open(path)
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise Image.DecompressionBombError(f"{img.width}x{img.height} is over {MAX_IMAGE_PIXELS} pixels")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB. 16/32-bit grey is scaled (not clipped); transparency is composited on BACKGROUND."""
+    if img.mode.startswith("I"):  # I, I;16, I;16B...: 16-bit samples, 65535 -> 255
+        img = Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    if "transparency" in img.info or img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img.convert("RGBA"))
+    return img.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inversion), YCbCr...
+
+
+def probe(path) -> tuple[int, int] | str:
+    """EXIF-oriented (w, h) of a decodable image, or why it is skipped. Decodes it whole (JPEGs at 1/8 scale:
+    libjpeg still reads every byte, so truncation is still caught) to catch what a header does not show."""
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    try:
+        with open_image(path) as img:
+            full = img.size
+            img.draft(img.mode, (1, 1))  # JPEG only; a no-op for other formats
+            drafted = img.size
+            out = to_rgb(ImageOps.exif_transpose(img))  # first frame of an animation
+        return full[::-1] if out.size != drafted else full
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except Image.UnidentifiedImageError:
+        return "not an image"
+    except Exception as e:  # noqa: BLE001 - any decoder failure means: skip this file, say why
+        kind = "truncated" if "truncated" in str(e) else "unreadable"
+        return f"{kind}: {type(e).__name__}: {e}"
+
+
+def progressive_sizes(src, dst) -> list[tuple[int, int]]:
+    """The sizes a resize from `src` to `dst` (w, h) passes through: x0.75 steps while more than 1.5x too big
+    (ceil, so no step shrinks by more than 1/0.75), then `dst` itself."""
+    (w, h), out = src, []
+    while max(w / dst[0], h / dst[1]) > DOWNSCALE_MAX_RATIO:
+        w, h = max(math.ceil(w * DOWNSCALE_STEP), dst[0]), max(math.ceil(h * DOWNSCALE_STEP), dst[1])
+        out.append((w, h))
+    return out + [tuple(dst)]
+
+
+def resize(img: Image.Image, size, box=None) -> Image.Image:
+    """Progressive LANCZOS resize of `img`'s `box` (float source pixels; None: all of it) to `size` (w, h).
+    The first step reads through `box`, so pixels just outside it still feed the filter at its edges."""
+    box = tuple(box or (0, 0, *img.size))
+    src = (box[2] - box[0], box[3] - box[1])
+    if src == tuple(size) and all(float(v).is_integer() for v in box):
+        return img.crop(tuple(int(v) for v in box))  # a native-scale crop: no resampling at all
+    for step in progressive_sizes(src, size):
+        img, box = img.resize(step, Image.LANCZOS, box=box), None
+    return img
+
+
+def load_item(path, size, box=None, fast=True) -> Image.Image:
+    """The pixels of one sample: `path`'s region `box` (EXIF-oriented source pixels; None: the whole image) as an
+    RGB image of `size` (w, h). fast=False is the exact path: full decode, then progressive LANCZOS. fast=True
+    first shrinks cheaply (JPEG draft, else integer box average) while FAST_MARGIN x `size` remains."""
+    with open_image(path) as img:
+        f = 1.0
+        if fast:
+            bw, bh = (box[2] - box[0], box[3] - box[1]) if box else (min(img.size),) * 2
+            s = FAST_MARGIN * max(size[0] / bw, size[1] / bh)  # smallest decode scale allowed
+            w0, drafted = img.width, img.draft(img.mode, (math.ceil(img.width * s), math.ceil(img.height * s)))
+            f = drafted[1][2] / w0 if drafted else 1.0  # exactly 1/2, 1/4 or 1/8, on both sides alike
+        img = to_rgb(ImageOps.exif_transpose(img))
+    box = [v * f for v in box] if box else [0, 0, *img.size]
+    k = int(min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) / FAST_MARGIN) if fast else 1
+    if k >= 2:  # box-average k x k blocks of the (integer-widened) region, keeping the exact sub-box
+        ibox = (int(box[0]), int(box[1]), min(math.ceil(box[2]), img.width), min(math.ceil(box[3]), img.height))
+        img = img.reduce(k, box=ibox)
+        box = [(box[0] - ibox[0]) / k, (box[1] - ibox[1]) / k, (box[2] - ibox[0]) / k, (box[3] - ibox[1]) / k]
+    return resize(img, size, box)
+
+
+def load_naive(path, size, box=None) -> Image.Image:
+    """Baseline for bench.py: full decode and one LANCZOS resize."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB").resize(tuple(size), Image.LANCZOS, box=box)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB between two 8-bit images."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+# ---------------------------------------------------------------------------------------------
+# buckets and crops
+
+
+def _edge(w, h, ds) -> float:
+    """An image's size in the unit of `resolution`: shorter edge (pixel) or side of the equal-area square."""
+    return min(w, h) if ds["resolution_type"] == "pixel" else math.sqrt(w * h)
+
+
+def bucket_size(aspect, resolution, resolution_type="pixel", multiple=8, max_aspect=4.0) -> tuple[int, int]:
+    """(w, h) of the bucket for width/height `aspect` (capped at max_aspect), sides multiples of `multiple`."""
+    a = min(max(aspect, 1 / max_aspect), max_aspect)
+    if resolution_type == "pixel":
+        w, h = (resolution * a, resolution) if a >= 1 else (resolution, resolution / a)
+    else:
+        w, h = resolution * math.sqrt(a), resolution / math.sqrt(a)
+    w, h = (max(multiple, round(x / multiple) * multiple) for x in (w, h))
+    if max(w, h) > max_aspect * min(w, h):  # rounding went past the cap: shorten the long side
+        w, h = (w - multiple, h) if w > h else (w, h - multiple)
+    return w, h
+
+
+def bucket_aspect(ds, w, h) -> float:
+    """The aspect (w/h) an image's bucket gets; crop_aspect='random' is drawn by the sampler instead."""
+    if ds["crop_aspect"] == "square":
+        return 1.0
+    if ds["crop_aspect"] == "closest":
+        return min(ds["crop_aspect_buckets"], key=lambda a: abs(math.log(a * h / w)))
+    return w / h
+
+
+def crop_box(size, bucket, ds: dict, rng: random.Random) -> tuple[float, float, float, float]:
+    """The region (x0, y0, x1, y1) of a `size` (w, h) image, in its pixels, that becomes the `bucket` sample.
+    Offsets are whole pixels at the working scale, so a native-scale crop needs no resampling."""
+    (w, h), (bw, bh) = size, bucket
+    scale = cover = max(bw / w, bh / h)  # the scale at which the image just covers the bucket
+    if ds["crop"]:
+        big = ds["maximum_image_size"] is not None and _edge(w, h, ds) > ds["maximum_image_size"]
+        scale = max(ds["target_downsample_size"] / _edge(w, h, ds) if big else 1.0, cover)  # never leave a gap
+    slack_x, slack_y = int(w * scale - bw + 1e-6), int(h * scale - bh + 1e-6)
+    if ds["crop_style"] == "random":
+        x, y = rng.randint(0, slack_x), rng.randint(0, slack_y)
+    elif ds["crop_style"] == "center":
+        x, y = slack_x // 2, slack_y // 2
+    else:
+        x = y = 0
+    return x / scale, y / scale, (x + bw) / scale, (y + bh) / scale
+
+
+# ---------------------------------------------------------------------------------------------
+# scanning, items, batches
+
+
+def scan(datasets: list[dict], output_dir: str, main_process=True) -> tuple[list, list, list]:
+    """Find, probe and caption every image. Returns entries (path, w, h, captions, dataset index), the skipped
+    (path, reason) list (the main process writes it to output_dir/skipped.txt) and a per-dataset report."""
+    from tqdm import tqdm
+
+    entries, skipped, report = [], [], []
+    for d, ds in enumerate(datasets):
+        files = list_images(ds)
+        caps = [captions_for(p, ds) for p in files]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without holding the GIL
+            sizes = list(tqdm(pool.map(probe, files), total=len(files), desc=f"scan {ds['id']}",
+                              disable=not main_process or len(files) < 500))
+        reasons = Counter()
+        for path, cap, size in zip(files, caps, sizes):
+            reason = size if isinstance(size, str) else cap if isinstance(cap, str) else None
+            if reason is None and _edge(*size, ds) < ds["minimum_image_size"]:
+                reason = f"too small: {size[0]}x{size[1]} < minimum_image_size={ds['minimum_image_size']}"
+            if reason:
+                skipped.append((str(path), reason))
+                reasons[reason.split(":")[0]] += 1
+            else:
+                entries.append((str(path), *size, cap, d))
+        report.append({"id": ds["id"], "found": len(files), "used": len(files) - sum(reasons.values()),
+                       "skipped": dict(reasons)})
+    out = Path(output_dir) / "skipped.txt"
+    if main_process:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    for ds, r in zip(datasets, report):
+        if r["used"] == 0:
+            why = f"all {r['found']} skipped ({r['skipped']}), see {out}" if r["found"] else "none found"
+            raise ValueError(f"dataset {ds['id']!r} has no usable images under {ds['instance_data_dir']}: {why}. "
+                             "Fix or replace those files, or lower minimum_image_size, or check caption_strategy "
+                             f"and instance_data_dir (searched recursively for {sorted(IMAGE_EXTS)}).")
+    return entries, skipped, report
+
+
+class Items:
+    """Map-style dataset whose index is a request (entry, bucket_w, bucket_h, rng key) from the sampler."""
+
+    def __init__(self, entries, datasets, stage):
+        self.entries, self.datasets, self.stage = entries, datasets, stage
+
+    def __getitem__(self, request) -> dict:
+        i, bw, bh, key = request
+        path, w, h, caps, d = self.entries[i]
+        rng = random.Random(key)  # seeded by (seed, epoch, position): independent of workers
+        img = load_item(path, (bw, bh), crop_box((w, h), (bw, bh), self.datasets[d], rng))
+        item = {"pixels": _chw(img), "caption": caps[rng.randrange(len(caps))]}
+        if self.stage == 2:
+            item["low_res"] = _chw(resize(img, (bw // 4, bh // 4)))
+        return item
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1], in numpy: the worker's one thread, no torch thread pool."""
+    return torch.from_numpy(np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1)
+
+
+class Loader:
+    """Batches forever: {'pixels': [B,3,H,W] in [-1,1], 'captions': [str] * B, stage II also 'low_res' [B,3,H/4,W/4]}.
+
+    The sampler. Each dataset's slots (each image 1 + repeats times) are grouped by bucket, shuffled per epoch,
+    and cut into global batches of train_batch_size x world_size; rank r takes the r-th slice of each, so ranks
+    get distinct samples and the same number of steps. A bucket's last partial global batch is filled by
+    repeating that bucket's first images of the epoch (so a bucket, or a dataset, smaller than one global batch
+    still trains; a one-line note says how many samples per epoch are such repeats). With `probability` set, a
+    dataset contributes its share of the epoch's batches (cycling its own shuffled passes, or a part of one).
+    crop_aspect='random' deals a fixed multiset of aspects (cycling crop_aspect_buckets) to the dataset's slots
+    anew each epoch, so the number of batches never changes. state_dict() counts the batches handed out.
+    """
+
+    def __init__(self, cfg: Config, rank=0, world_size=1):
+        self.seed, self.rank, self.batch_size, self.world = cfg.seed, rank, cfg.train_batch_size, world_size
+        self.num_workers = cfg.dataloader_num_workers
+        self.datasets = load_datasets(cfg)
+        entries, self.skipped, self.report = scan(self.datasets, cfg.output_dir, rank == 0)
+        self.items = Items(entries, self.datasets, cfg.stage)
+        multiple = 32 if cfg.stage == 2 else 8
+        self.slots = [[] for _ in self.datasets]  # per dataset: [(entry, bucket)], fixed for the whole run
+        for i, (_, w, h, _, d) in enumerate(entries):
+            ds = self.datasets[d]
+            for _ in range(1 + ds["repeats"]):
+                n = len(self.slots[d])
+                a = ds["crop_aspect_buckets"][n % len(ds["crop_aspect_buckets"])] if ds["crop_aspect"] == "random" \
+                    else bucket_aspect(ds, w, h)
+                bucket = bucket_size(a, ds["resolution"], ds["resolution_type"], multiple, cfg.max_aspect_ratio)
+                self.slots[d].append((i, bucket))
+        g = self.batch_size * world_size
+        counts = [Counter(b for _, b in slots) for slots in self.slots]
+        sizes = [sum(math.ceil(c / g) for c in cnt.values()) for cnt in counts]  # global batches per pass
+        self.quota = _quota(sizes, [ds["probability"] for ds in self.datasets])
+        self.steps_per_epoch = sum(self.quota)
+        hist = sum(counts, Counter())
+        self.buckets = {f"{w}x{h}": hist[w, h] for w, h in sorted(hist)}  # samples per pass, by bucket
+        self.epoch = self.step = 0
+        self._plan_cache = (None, None)
+        if rank == 0:
+            pad = sum(sizes) * g - sum(hist.values())
+            print(f"data: {len(entries)} images used, {len(self.skipped)} skipped (reasons in "
+                  f"{Path(cfg.output_dir) / 'skipped.txt'}); {len(self.buckets)} buckets, {len(self)} steps per epoch"
+                  + (f"; {pad} repeats fill up small buckets' batches of {g}" if pad else ""))
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _pass(self, d: int, rnd: random.Random) -> list[list]:
+        """One shuffled pass over dataset d: global batches of (entry, bucket), each from a single bucket."""
+        slots, g = self.slots[d], self.batch_size * self.world
+        buckets = [b for _, b in slots]
+        if self.datasets[d]["crop_aspect"] == "random":
+            rnd.shuffle(buckets)
+        groups = defaultdict(list)
+        for (entry, _), b in zip(slots, buckets):
+            groups[b].append(entry)
+        out = []
+        for b in sorted(groups):
+            es = groups[b]
+            rnd.shuffle(es)
+            es = [es[i % len(es)] for i in range(math.ceil(len(es) / g) * g)]  # fill the last batch by repeating
+            out += [[(e, b) for e in es[i : i + g]] for i in range(0, len(es), g)]
+        rnd.shuffle(out)
+        return out
+
+    def plan(self, epoch: int) -> list[list[tuple]]:
+        """This rank's batches of `epoch`, as lists of requests (entry, w, h, rng key)."""
+        if self._plan_cache[0] != epoch:
+            rnd = random.Random(f"{self.seed}:epoch:{epoch}")
+            batches = []
+            for d, q in enumerate(self.quota):
+                mine = []
+                while len(mine) < q:
+                    mine += self._pass(d, rnd)
+                batches += mine[:q]
+            rnd.shuffle(batches)
+            B, g = self.batch_size, self.batch_size * self.world
+            lo = self.rank * B
+            plan = [[(e, *b, f"{self.seed}:{epoch}:{j * g + lo + k}") for k, (e, b) in enumerate(batch[lo : lo + B])]
+                    for j, batch in enumerate(batches)]
+            self._plan_cache = (epoch, plan)
+        return self._plan_cache[1]
+
+    def _requests(self, epoch, step):
+        while True:
+            yield from self.plan(epoch)[step:]
+            epoch, step = epoch + 1, 0
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(self.items, batch_sampler=self._requests(self.epoch, self.step),
+                                             num_workers=self.num_workers)
+        for batch in loader:
+            self.step += 1
+            if self.step == self.steps_per_epoch:
+                self.epoch, self.step = self.epoch + 1, 0
+            batch["captions"] = batch.pop("caption")  # a list of B strings once collated
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the batches `state` counted; the next iter() starts there."""
+        if state.get("steps_per_epoch") != self.steps_per_epoch or state.get("seed") != self.seed:
+            print(f"warning: data changed since the checkpoint ({state} vs {self.state_dict()}): "
+                  "resumed batches will differ from the original run's")
+        self.epoch, self.step = state["epoch"], state["step"] % self.steps_per_epoch
+
+
+def _quota(sizes: list[int], probabilities: list) -> list[int]:
+    """Batches per epoch for each dataset: its own pass, or its `probability` share of the same total."""
+    if all(p is None for p in probabilities):
+        return sizes
+    w = [1.0 if p is None else float(p) for p in probabilities]  # SimpleTuner's default probability is 1
+    exact = [sum(sizes) * x / sum(w) for x in w]
+    q = [int(x) for x in exact]
+    for i in sorted(range(len(w)), key=lambda i: q[i] - exact[i])[: sum(sizes) - sum(q)]:
+        q[i] += 1  # largest remainders
+    return q
+
+
+def make_loader(cfg: Config, rank=0, world_size=1) -> Loader:
+    return Loader(cfg, rank, world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: report, throughput, contact sheet
+
+
+def contact_sheet(batches: list[dict], path, cols=6) -> None:
+    """A grid of samples (stage II: low-res, upscaled, left of high-res), each labelled with bucket and caption."""
+    from PIL import ImageDraw
+
+    def pil(x, zoom):
+        img = Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())  # [-1,1] (3,H,W) -> uint8
+        return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)  # enlarged, pixels kept sharp
+
+    zoom = max(1, 128 // min(min(b["pixels"].shape[2:]) for b in batches))  # one scale for the whole sheet
+    cells = []
+    for b in batches:
+        for i, caption in enumerate(b["captions"]):
+            cell = hi = pil(b["pixels"][i], zoom)
+            if "low_res" in b:
+                cell = Image.new("RGB", (hi.width * 2 + 4, hi.height), "white")
+                cell.paste(pil(b["low_res"][i], 4 * zoom)), cell.paste(hi, (hi.width + 4, 0))
+            cells.append((cell, f"{hi.width // zoom}x{hi.height // zoom} {caption}"))
+    cw, ch = max(c.width for c, _ in cells) + 8, max(c.height for c, _ in cells) + 32
+    sheet = Image.new("RGB", (cw * min(cols, len(cells)), ch * math.ceil(len(cells) / cols)), "white")
+    draw, chars = ImageDraw.Draw(sheet), cw // 6
+    for n, (cell, label) in enumerate(cells):
+        x, y = cw * (n % cols) + 4, ch * (n // cols) + 4
+        sheet.paste(cell, (x, y))
+        draw.text((x, y + cell.height + 2), label[:chars] + "\n" + label[chars : 2 * chars], fill="black")
+    sheet.save(path)
+
+
+def main(cfg: Config) -> None:
+    loader = make_loader(cfg)
+    for r in loader.report:
+        print(f"  {r['id']}: found {r['found']}, used {r['used']}, skipped {r['skipped'] or 'none'}")
+    for path, reason in loader.skipped[:10]:
+        print(f"    {path}\t{reason}")
+    print("buckets (samples per epoch):", ", ".join(f"{k}: {n}" for k, n in loader.buckets.items()))
+    requests = [r for batch in loader.plan(0) for r in batch][:32]
+    t = time.perf_counter()
+    for r in requests:
+        loader.items[r]
+    per_core = len(requests) / (time.perf_counter() - t)
+    it = iter(loader)
+    batches = [next(it)]  # worker start-up is not throughput
+    t = time.perf_counter()
+    batches += [next(it) for _ in range(max(4, 128 // cfg.train_batch_size))]
+    rate = (len(batches) - 1) * cfg.train_batch_size / (time.perf_counter() - t)
+    print(f"throughput: {per_core:.1f} samples/s on one core, {rate:.1f} with {cfg.dataloader_num_workers} workers")
+    sheet = Path(cfg.output_dir) / "contact_sheet.png"
+    contact_sheet(batches[: math.ceil(24 / cfg.train_batch_size)], sheet)
+    print(f"contact sheet: {sheet}")
+
+
+if __name__ == "__main__":
+    main(parse_args(usage="usage: python data.py CONFIG [--key=value ...]  (dataset report + contact sheet)"))

@@ -1,0 +1,356 @@
+"""data.py: sizes, buckets, robust decoding, captions, the resumable DDP-aware sampler, stage II pairs."""
+
+import io
+import json
+import random
+import struct
+import zlib
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from config import Config
+
+
+def noise(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def folder(tmp_path, name, sizes, fmt="png", captions=None):
+    """A folder of noise images named img_<i>.<fmt> (caption 'img <i>' by filename)."""
+    d = tmp_path / name
+    d.mkdir()
+    for i, (w, h) in enumerate(sizes):
+        noise(w, h, seed=i).save(d / f"{name}_{i}.{fmt}")
+        if captions:
+            (d / f"{name}_{i}.txt").write_text(captions[i])
+    return d
+
+
+def cfg_for(tmp_path, datasets, **kw):
+    return Config(datasets=datasets, output_dir=str(tmp_path / "out"), dataloader_num_workers=0, **kw)
+
+
+def uint8(x):  # [-1, 1] tensor (3, H, W) -> PIL image
+    return Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes
+
+
+def test_parse_resolutions():
+    assert data.parse_resolutions("64,96,64x96,96x64") == [(64, 64), (96, 96), (64, 96), (96, 64)]
+    assert data.parse_resolutions(64) == [(64, 64)]
+    with pytest.raises(ValueError, match="WxH"):
+        data.parse_resolutions("64,9x")
+
+
+@pytest.mark.parametrize("multiple", [8, 32])
+@pytest.mark.parametrize("rtype", ["pixel", "area"])
+def test_bucket_sizes(multiple, rtype):
+    res = 64 if multiple == 8 else 256
+    for aspect in [0.1, 0.25, 0.5, 0.77, 1.0, 1.3, 1.5, 2.0, 3.9, 10.0]:
+        w, h = data.bucket_size(aspect, res, rtype, multiple, 4.0)
+        assert w % multiple == 0 and h % multiple == 0
+        assert max(w, h) / min(w, h) <= 4.0
+        if rtype == "pixel":
+            assert min(w, h) == res
+        else:
+            assert abs(w * h / res**2 - 1) < 0.3
+    assert data.bucket_size(1.5, 64) == (96, 64) and data.bucket_size(2 / 3, 64) == (64, 96)
+
+
+def test_progressive_sizes_rule():
+    for src, dst in [((3000, 2000), (96, 64)), ((257, 300), (64, 64)), ((95, 64), (64, 64)), ((100, 100), (64, 64))]:
+        steps = [src] + data.progressive_sizes(src, dst)
+        assert steps[-1] == dst
+        for a, b in zip(steps, steps[1:]):
+            assert max(a[0] / b[0], a[1] / b[1]) <= 1 / 0.75 + 1e-9 or b == dst  # a x0.75 step...
+            assert max(a[0] / dst[0], a[1] / dst[1]) > 1.5 or b == dst  # ...only while > 1.5x too big
+        assert max(steps[-2][0] / dst[0], steps[-2][1] / dst[1]) <= 1.5 or len(steps) == 2
+
+
+def test_pipeline_resizes_progressively(tmp_path, monkeypatch):
+    """The exact path really resizes in those steps: record every Image.resize it makes."""
+    noise(1200, 800).save(tmp_path / "a.png")
+    seen, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: seen.append((self.size, size))
+                        or resize(self, size, *a, **k))
+    out = data.load_item(tmp_path / "a.png", (96, 64), (0, 0, 1200, 800), fast=False)
+    assert out.size == (96, 64) and seen[0][0] == (1200, 800) and seen[-1][1] == (96, 64)
+    for (src, dst), (nxt, _) in zip(seen, seen[1:] + [((96, 64), None)]):
+        assert dst == nxt  # each step feeds the next
+        assert src[0] / dst[0] <= 1 / 0.75 + 0.01 or dst == (96, 64)
+    assert seen[-1][0][0] / 96 <= 1.5 and len(seen) > 5
+
+
+def test_fast_path_quality(tmp_path):
+    """JPEG draft + box reduce stays far inside the 35 dB bound vs the exact full-decode path."""
+    smooth = np.asarray(noise(150, 100).resize((1500, 1000), Image.BICUBIC))  # photo-like: detail at all scales
+    img = Image.fromarray((0.5 * smooth + 0.5 * np.asarray(noise(1500, 1000, seed=3))).astype(np.uint8))
+    img.save(tmp_path / "a.jpg", quality=90)
+    for size in [(96, 64), (384, 256)]:
+        box = data.crop_box((1500, 1000), size, {**data.DEFAULTS, "crop_style": "center"}, random.Random(0))
+        fast, exact = (data.load_item(tmp_path / "a.jpg", size, box, fast=f) for f in (True, False))
+        assert fast.size == exact.size == size
+        assert data.psnr(fast, exact) > 35
+
+
+def test_max_target_precrop_rule():
+    ds = {**data.DEFAULTS, "crop": True, "crop_style": "center", "maximum_image_size": 256,
+          "target_downsample_size": 128, "resolution": 64, "minimum_image_size": 64}
+    rng = random.Random(0)
+    for w, h in [(256, 300), (300, 256), (200, 900), (64, 64)]:  # shorter edge <= max: a crop at native scale
+        x0, y0, x1, y1 = data.crop_box((w, h), (64, 64), ds, rng)
+        assert (x1 - x0, y1 - y0) == (64, 64) and x0 == int(x0)
+    for w, h in [(257, 300), (3000, 2000)]:  # shorter edge > max: as if first brought to 128 px
+        x0, y0, x1, y1 = data.crop_box((w, h), (64, 64), ds, rng)
+        assert x1 - x0 == pytest.approx(64 * min(w, h) / 128)
+    x0, y0, x1, y1 = data.crop_box((3000, 2000), (96, 64), {**ds, "crop": False}, rng)  # no crop: resize to cover
+    assert (x1 - x0, y1 - y0) == (3000, 2000)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding, skipping
+
+
+def bomb_png(path, w=30000, h=30000):
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
+def test_modes_formats_and_broken_files(tmp_path):
+    d = tmp_path / "mix"
+    d.mkdir()
+    noise(80, 64).save(d / "rgb.jpg")
+    noise(80, 64).convert("CMYK").save(d / "cmyk.jpg")
+    noise(80, 64, mode="L").save(d / "grey.png")
+    noise(80, 64, mode="1").save(d / "bits.bmp")
+    noise(80, 64).save(d / "tiff.tif")
+    noise(80, 64).save(d / "web.webp")
+    Image.new("RGBA", (80, 64), (255, 0, 0, 0)).save(d / "clear.png")  # fully transparent -> BACKGROUND
+    Image.new("LA", (80, 64), (0, 0)).save(d / "la.png")
+    p = Image.new("P", (80, 64), 0)
+    p.putpalette([0, 0, 0] * 256)
+    p.save(d / "pal.png", transparency=0)
+    Image.fromarray(np.full((64, 80), 32896, np.uint16)).save(d / "deep.png")  # 16-bit grey, 32896 / 257 = 128
+    frames = [Image.new("RGB", (80, 64), c) for c in ("blue", "red")]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 80x64, seen 64x80
+    noise(80, 64).save(d / "rotated.jpg", exif=exif)
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.jpg").write_text("not an image at all")
+    buf = io.BytesIO()
+    noise(200, 200).save(buf, "JPEG")
+    (d / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    noise(200, 200).save(buf, "PNG")
+    (d / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    bomb_png(d / "bomb.png")
+    noise(40, 80).save(d / "small.png")
+    (d / "notes.txt").write_text("ignored: not an image extension")
+
+    assert data.probe(d / "rotated.jpg") == (64, 80)
+    assert data.to_rgb(Image.open(d / "clear.png")).getpixel((0, 0)) == data.BACKGROUND
+    assert data.to_rgb(Image.open(d / "pal.png")).getpixel((0, 0)) == data.BACKGROUND
+    assert data.to_rgb(Image.open(d / "la.png")).getpixel((0, 0)) == data.BACKGROUND
+    assert data.to_rgb(Image.open(d / "deep.png")).getpixel((0, 0)) == (128, 128, 128)
+    assert data.to_rgb(Image.open(d / "anim.gif")).getpixel((0, 0)) == (0, 0, 255)  # first frame
+
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "resolution": 64}], train_batch_size=2)
+    loader = data.make_loader(cfg)
+    reasons = {p.split("/")[-1]: r for p, r in loader.skipped}
+    assert set(reasons) == {"empty.png", "text.jpg", "cut.jpg", "cut.png", "bomb.png", "small.png"}
+    assert reasons["empty.png"] == "empty file" and reasons["text.jpg"] == "not an image"
+    assert reasons["cut.jpg"].startswith("truncated") and reasons["bomb.png"].startswith("decompression bomb")
+    assert reasons["small.png"].startswith("too small") and not reasons["cut.png"].startswith("too small")
+    lines = (tmp_path / "out" / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].split("/")[-1] for line in lines) == sorted(reasons)
+    assert loader.report[0] == {"id": "mix", "found": 18, "used": 12, "skipped": Counter(
+        r.split(":")[0] for r in reasons.values())}
+    for batch in islice(loader, loader.steps_per_epoch):
+        assert batch["pixels"].dtype == torch.float32 and batch["pixels"].shape[1] == 3
+
+
+def test_all_broken_is_a_clear_error(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"")
+    (d / "b.png").write_text("nope")
+    with pytest.raises(ValueError, match=r"no usable images.*all 2 skipped.*skipped.txt"):
+        data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(d)}]))
+    assert len((tmp_path / "out" / "skipped.txt").read_text().splitlines()) == 2
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="none found"):
+        data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(tmp_path / "none")}]))
+    with pytest.raises(FileNotFoundError, match="instance_data_dir"):
+        data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(tmp_path / "missing")}]))
+    with pytest.raises(ValueError, match="unknown keys"):
+        data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(d), "resoluton": 64}]))
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+SIZES = [(64, 64), (96, 64), (64, 96), (100, 70), (70, 140), (300, 200), (80, 80), (128, 64)]
+
+
+def test_batches_buckets_and_range(tmp_path):
+    d = folder(tmp_path, "a", SIZES * 2)
+    loader = data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(d)}], train_batch_size=2))
+    assert loader.buckets == {"64x64": 4, "96x64": 4, "64x96": 2, "88x64": 2, "64x128": 2, "128x64": 2}
+    assert len(loader) == loader.steps_per_epoch == 8
+    shapes = Counter()
+    for batch in islice(loader, len(loader)):
+        x = batch["pixels"]
+        assert x.shape[0] == 2 and x.shape[2] % 8 == 0 and x.shape[3] % 8 == 0
+        assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
+        shapes[f"{x.shape[3]}x{x.shape[2]}"] += 2
+    assert shapes == Counter(loader.buckets)
+
+
+def test_captions_per_strategy(tmp_path):
+    a = folder(tmp_path, "a", SIZES[:4], captions=["one\ntwo", "three", "", "four"])  # a_2 has an empty caption file
+    (a / "a_3.txt").unlink()  # ...and a_3 none
+    b = folder(tmp_path, "b", SIZES[:2])
+    c = folder(tmp_path, "c", SIZES[:2])
+    sets = [{"instance_data_dir": str(a), "caption_strategy": "textfile", "crop_aspect": "square"},
+            {"instance_data_dir": str(b), "caption_strategy": "filename", "prepend_instance_prompt": True,
+             "instance_prompt": ["sks", "zwx"], "crop_aspect": "square"},
+            {"instance_data_dir": str(c), "caption_strategy": "instanceprompt", "instance_prompt": "a photo",
+             "crop_aspect": "square"}]
+    cfg = cfg_for(tmp_path, sets, train_batch_size=1)
+    expected = ["one", "two", "three", "sks b 0", "zwx b 0", "sks b 1", "zwx b 1", "a photo"]
+    assert data.all_captions(cfg) == expected
+    loader = data.make_loader(cfg)
+    assert sorted(r for _, r in loader.skipped) == ["no caption: a_2.txt is empty", "no caption: a_3.txt is missing"]
+    seen = Counter(c for batch in islice(loader, 20 * len(loader)) for c in batch["captions"])
+    assert set(seen) == set(expected)  # every caption the cache holds is used, and nothing else
+    assert seen["a photo"] == 40 and seen["one"] + seen["two"] == 20 and min(seen.values()) > 3
+
+
+def test_repeats_and_probability(tmp_path):
+    a = folder(tmp_path, "a", [(64, 64)] * 4)
+    b = folder(tmp_path, "b", [(64, 64)] * 12)
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(a), "repeats": 2}, {"instance_data_dir": str(b)}],
+                  train_batch_size=4)
+    loader = data.make_loader(cfg)
+    assert len(loader) == 6
+    seen = Counter(c for batch in islice(loader, len(loader)) for c in batch["captions"])
+    assert seen == Counter({f"a {i}": 3 for i in range(4)} | {f"b {i}": 1 for i in range(12)})
+
+    cfg.datasets = [{"instance_data_dir": str(a), "probability": 3}, {"instance_data_dir": str(b), "probability": 1}]
+    loader = data.make_loader(cfg)
+    assert loader.quota == [3, 1] and len(loader) == 4  # 1 + 3 batches a pass, shared 3:1
+    seen = Counter(c[0] for batch in islice(loader, 10 * len(loader)) for c in batch["captions"])
+    assert seen == {"a": 120, "b": 40}
+    per_image = Counter(c for batch in islice(loader, len(loader)) for c in batch["captions"] if c[0] == "a")
+    assert set(per_image.values()) == {3}  # a's three batches a epoch: three shuffled passes over its 4 images
+
+
+def test_small_bucket_and_tiny_dataset(tmp_path):
+    d = folder(tmp_path, "a", [(64, 64), (64, 64), (64, 64), (96, 64)])
+    loader = data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(d)}], train_batch_size=4))
+    assert len(loader) == 2
+    batches = list(islice(loader, 2))
+    sizes = sorted(tuple(b["pixels"].shape) for b in batches)
+    assert sizes == [(4, 3, 64, 64), (4, 3, 64, 96)]
+    small, tiny = sorted((b["captions"] for b in batches), key=lambda c: c[0] == "a 3")
+    assert tiny == ["a 3"] * 4  # a one-image bucket fills its batch with itself
+    assert set(small) == {"a 0", "a 1", "a 2"} and len(small) == 4  # three images + the first one again
+
+
+def _take(loader, n):
+    return [b for b in islice(loader, n)]
+
+
+def _same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x["captions"] == y["captions"] and torch.equal(x["pixels"], y["pixels"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_batches_and_exact_resume(tmp_path, workers):
+    d = folder(tmp_path, "a", SIZES * 2, captions=["x\ny\nz"] * 16)
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "crop": True, "crop_aspect": "random"}],
+                  train_batch_size=2)
+    run = _take(data.make_loader(cfg), 20)  # more than two epochs (8 steps each), in-process
+    cfg.dataloader_num_workers = workers
+    _same(run, _take(data.make_loader(cfg), 20))  # worker processes change nothing
+    probe = data.make_loader(cfg)
+    _take(probe, 11)
+    state = probe.state_dict()
+    assert state["epoch"] == 1 and state["step"] == 2
+    resumed = data.make_loader(cfg)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    _same(run[11:], _take(resumed, 9))
+    cfg.seed += 1
+    other = _take(data.make_loader(cfg), 9)
+    assert any(x["captions"] != y["captions"] for x, y in zip(run, other))
+
+
+def test_two_ranks_disjoint_equal_steps(tmp_path):
+    d = folder(tmp_path, "a", [(64, 64)] * 16 + [(96, 64)] * 8)
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d)}], train_batch_size=2)
+    ranks = [data.make_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    seen = [[c for b in islice(r, 6) for c in b["captions"]] for r in ranks]
+    assert len(set(seen[0])) == len(seen[0]) == 12 and not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == {f"a {i}" for i in range(24)}
+    single = data.make_loader(cfg)  # one process, twice the steps: the same multiset of samples
+    assert sorted(c for b in islice(single, 12) for c in b["captions"]) == sorted(seen[0] + seen[1])
+
+
+def test_stage2_low_res_is_the_downsampled_crop(tmp_path):
+    d = folder(tmp_path, "a", [(300, 200), (200, 200), (96, 130), (160, 90)])
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "resolution": 64, "crop": True}],
+                  train_batch_size=1, model_flavour="ii-medium-450m")
+    for batch in islice(data.make_loader(cfg), 4):
+        hi, lo = batch["pixels"], batch["low_res"]
+        assert hi.shape[2] % 32 == 0 and hi.shape[3] % 32 == 0 and lo.shape[2:] == (hi.shape[2] // 4, hi.shape[3] // 4)
+        assert lo.min() >= -1 and lo.max() <= 1
+        expect = data.resize(uint8(hi[0]), (hi.shape[3] // 4, hi.shape[2] // 4))
+        assert np.array_equal(np.asarray(uint8(lo[0])), np.asarray(expect))
+
+
+def test_simpletuner_multidatabackend_json(tmp_path):
+    d = folder(tmp_path, "primary", [(300, 200), (64, 64), (500, 400), (40, 40)])
+    backend = [
+        {"id": "primary-dataset", "type": "local", "instance_data_dir": str(d), "crop": True,
+         "crop_aspect": "square", "crop_style": "random", "resolution": 64, "resolution_type": "pixel",
+         "minimum_image_size": 64, "maximum_image_size": 256, "target_downsample_size": 128,
+         "prepend_instance_prompt": False, "instance_prompt": "Your Subject Trigger Phrase or Word",
+         "caption_strategy": "instanceprompt", "repeats": 1, "cache_dir_vae": "/ignored"},
+        {"id": "an example backend for text embeds.", "dataset_type": "text_embeds", "default": True,
+         "disable": False, "type": "local", "cache_dir": str(tmp_path / "cache" / "text")},
+        {"id": "off", "type": "aws", "disable": True},
+    ]
+    path = tmp_path / "multidatabackend.json"
+    path.write_text(json.dumps(backend))
+    cfg = cfg_for(tmp_path, str(path), train_batch_size=2)
+    (ds,) = data.load_datasets(cfg)
+    assert ds["id"] == "primary-dataset" and ds["maximum_image_size"] == 256 and ds["repeats"] == 1
+    assert data.text_cache_dir_from(cfg) == str(tmp_path / "cache" / "text")
+    assert data.all_captions(cfg) == ["Your Subject Trigger Phrase or Word"]
+    loader = data.make_loader(cfg)
+    assert loader.buckets == {"64x64": 6}
+    assert [r for _, r in loader.skipped] == ["too small: 40x40 < minimum_image_size=64"]
+    batch = next(iter(loader))
+    assert batch["pixels"].shape == (2, 3, 64, 64)
+    backend[2]["disable"] = False
+    path.write_text(json.dumps(backend))
+    with pytest.raises(ValueError, match="only local"):
+        data.load_datasets(cfg)
