@@ -62,7 +62,7 @@ def _dtype(name) -> torch.dtype:
 
 class TextEncoder:
     """T5 encoder + tokenizer from a diffusers-layout folder (text_encoder/ + tokenizer/), a plain
-    T5 folder, or a Hub id. dtype "auto"/None: bf16 on CUDA (as IF ran it), fp32 on CPU, which is more
+    T5 folder, or a Hub id. dtype "auto"/None: bf16 on CUDA (as IF ran it), else fp32, which on CPU is more
     precise and never slowed by missing bf16 hardware; bf16 needs AVX512-BF16/AMX to be fast (with AMX
     it measured ~3x faster than fp32 for a 512-wide T5): pass dtype="bf16" there. The dtype is part of
     the cache identity."""
@@ -75,8 +75,8 @@ class TextEncoder:
         prepare_caption("", clean_caption)  # fail now, not after loading 9.5 GB
         cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
         self.device = torch.device(device) if device is not None else (cuda or torch.device("cpu"))
-        auto = dtype in (None, "auto")
-        self.dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if auto else _dtype(dtype)
+        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()  # (T5 overflows in fp16)
+        self.dtype = (torch.bfloat16 if bf16_ok else torch.float32) if dtype in (None, "auto") else _dtype(dtype)
         self.max_length, self.clean_caption, self.name = max_length, clean_caption, str(path_or_repo_id)
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -134,7 +134,10 @@ class TextEncoder:
 
     def free(self) -> None:
         """Drop T5 from (GPU) memory."""
+        import gc
+
         self.model = None
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
