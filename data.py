@@ -54,7 +54,7 @@ DEFAULTS = {
     "instance_prompt": None,  # str or list of str
     "prepend_instance_prompt": False,  # caption = f"{instance_prompt} {caption}"
     "repeats": 0,  # extra passes per epoch (SimpleTuner: 0 means each image once)
-    "probability": None,  # relative share of each epoch's batches; unset everywhere: proportional to size
+    "probability": None,  # share of each epoch's batches relative to the others' (1 if unset); none set: by size
 }
 CHOICES = {"resolution_type": ("pixel", "area"), "crop_aspect": ("square", "preserve", "closest", "random"),
            "crop_style": ("random", "center", "corner"), "caption_strategy": ("filename", "textfile", "instanceprompt")}
@@ -70,8 +70,9 @@ DOWNSCALE_STEP = 0.75
 # and decodes a 3000x2000 JPEG for a 64 px bucket at 1/8 scale, several times faster than a full decode.
 FAST_MARGIN = 1.5
 BACKGROUND = (255, 255, 255)  # transparency is composited on white: cut-outs and logos are drawn for white pages
-MAX_IMAGE_PIXELS = 89_478_485  # bigger images are skipped as decompression bombs (PIL's default, checked here
-#                                explicitly so PIL's global setting is never touched)
+# Bigger images are skipped as decompression bombs. PIL's default, checked explicitly in open_image, so PIL's global
+# Image.MAX_IMAGE_PIXELS is neither relied on nor changed.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode -> RGB. 16/32-bit grey is scaled (not clipped); transparency is composited on BACKGROUND."""
     if img.mode.startswith("I"):  # I, I;16, I;16B...: 16-bit samples, 65535 -> 255
         img = Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
-    if "transparency" in img.info or img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+    if "transparency" in img.info or img.mode in ("LA", "PA", "RGBA"):
         img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img.convert("RGBA"))
     return img.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inversion), YCbCr...
 
@@ -442,7 +443,8 @@ class Loader:
         self._plan_cache = (None, None)
         if rank == 0:
             pad = sum(sizes) * g - sum(hist.values())
-            print(f"data: {len(entries)} images used, {len(self.skipped)} skipped (reasons in "
+            why = sum((Counter(r["skipped"]) for r in self.report), Counter())
+            print(f"data: {len(entries)} images used, {len(self.skipped)} skipped {dict(why) if why else ''} (list in "
                   f"{Path(cfg.output_dir) / 'skipped.txt'}); {len(self.buckets)} buckets, {len(self)} steps per epoch"
                   + (f"; {pad} repeats fill up small buckets' batches of {g}" if pad else ""))
 
@@ -531,7 +533,7 @@ def make_loader(cfg: Config, rank=0, world_size=1) -> Loader:
 # command line: report, throughput, contact sheet
 
 
-def contact_sheet(batches: list[dict], path, cols=6) -> None:
+def contact_sheet(batches: list[dict], path, width=4096) -> None:
     """A grid of samples (stage II: low-res, upscaled, left of high-res), each labelled with bucket and caption."""
     from PIL import ImageDraw
 
@@ -549,7 +551,8 @@ def contact_sheet(batches: list[dict], path, cols=6) -> None:
                 cell.paste(pil(b["low_res"][i], 4 * zoom)), cell.paste(hi, (hi.width + 4, 0))
             cells.append((cell, f"{hi.width // zoom}x{hi.height // zoom} {caption}"))
     cw, ch = max(c.width for c, _ in cells) + 8, max(c.height for c, _ in cells) + 32
-    sheet = Image.new("RGB", (cw * min(cols, len(cells)), ch * math.ceil(len(cells) / cols)), "white")
+    cols = max(1, min(width // cw, len(cells)))
+    sheet = Image.new("RGB", (cw * cols, ch * math.ceil(len(cells) / cols)), "white")
     draw, chars = ImageDraw.Draw(sheet), cw // 6
     for n, (cell, label) in enumerate(cells):
         x, y = cw * (n % cols) + 4, ch * (n // cols) + 4

@@ -69,13 +69,16 @@ def test_bucket_sizes(multiple, rtype):
 
 
 def test_progressive_sizes_rule():
-    for src, dst in [((3000, 2000), (96, 64)), ((257, 300), (64, 64)), ((95, 64), (64, 64)), ((100, 100), (64, 64))]:
+    def ratio(a, b):
+        return max(a[0] / b[0], a[1] / b[1])
+
+    for src, dst in [((3000, 2000), (96, 64)), ((257, 300), (64, 64)), ((95, 64), (64, 64)), ((48, 48), (64, 64))]:
         steps = [src] + data.progressive_sizes(src, dst)
         assert steps[-1] == dst
-        for a, b in zip(steps, steps[1:]):
-            assert max(a[0] / b[0], a[1] / b[1]) <= 1 / 0.75 + 1e-9 or b == dst  # a x0.75 step...
-            assert max(a[0] / dst[0], a[1] / dst[1]) > 1.5 or b == dst  # ...only while > 1.5x too big
-        assert max(steps[-2][0] / dst[0], steps[-2][1] / dst[1]) <= 1.5 or len(steps) == 2
+        for a, b in zip(steps[:-2], steps[1:-1]):  # x0.75 steps (never more than 1/0.75)...
+            assert ratio(a, b) <= 1 / 0.75 + 1e-9 and ratio(a, dst) > 1.5  # ...only while more than 1.5x too big
+        assert ratio(steps[-2], dst) <= 1.5  # then one final resize
+    assert len(data.progressive_sizes((3000, 2000), (96, 64))) == 12  # 31x: 11 steps to 1.34x, then the last
 
 
 def test_pipeline_resizes_progressively(tmp_path, monkeypatch):
@@ -86,10 +89,9 @@ def test_pipeline_resizes_progressively(tmp_path, monkeypatch):
                         or resize(self, size, *a, **k))
     out = data.load_item(tmp_path / "a.png", (96, 64), (0, 0, 1200, 800), fast=False)
     assert out.size == (96, 64) and seen[0][0] == (1200, 800) and seen[-1][1] == (96, 64)
-    for (src, dst), (nxt, _) in zip(seen, seen[1:] + [((96, 64), None)]):
-        assert dst == nxt  # each step feeds the next
-        assert src[0] / dst[0] <= 1 / 0.75 + 0.01 or dst == (96, 64)
-    assert seen[-1][0][0] / 96 <= 1.5 and len(seen) > 5
+    for (src, dst), (nxt, _) in zip(seen[:-1], seen[1:]):
+        assert dst == nxt and src[0] / dst[0] <= 1 / 0.75 + 1e-9 and src[0] / 96 > 1.5  # each step feeds the next
+    assert seen[-1][0][0] / 96 <= 1.5 and len(seen) == len(data.progressive_sizes((1200, 800), (96, 64)))
 
 
 def test_fast_path_quality(tmp_path):
@@ -104,10 +106,18 @@ def test_fast_path_quality(tmp_path):
         assert data.psnr(fast, exact) > 35
 
 
-def test_max_target_precrop_rule():
+def test_max_target_precrop_rule(tmp_path):
     ds = {**data.DEFAULTS, "crop": True, "crop_style": "center", "maximum_image_size": 256,
           "target_downsample_size": 128, "resolution": 64, "minimum_image_size": 64}
     rng = random.Random(0)
+    img = noise(200, 150)
+    img.save(tmp_path / "a.png")
+    for style in ["random", "center", "corner"]:  # a native-scale crop is the source's pixels, untouched
+        box = data.crop_box((200, 150), (96, 64), {**ds, "crop_style": style}, rng)
+        assert box[0] == int(box[0]) and box[1] == int(box[1]) and (style != "corner" or box[:2] == (0, 0))
+        assert style != "center" or box[:2] == (52, 43)
+        out = data.load_item(tmp_path / "a.png", (96, 64), box)
+        assert np.array_equal(np.asarray(out), np.asarray(img.crop(tuple(int(v) for v in box))))
     for w, h in [(256, 300), (300, 256), (200, 900), (64, 64)]:  # shorter edge <= max: a crop at native scale
         x0, y0, x1, y1 = data.crop_box((w, h), (64, 64), ds, rng)
         assert (x1 - x0, y1 - y0) == (64, 64) and x0 == int(x0)
