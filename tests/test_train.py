@@ -1,0 +1,345 @@
+"""train.py: the optimizer's arithmetic, the stage II inputs, learning, exact resume, crash safety and DDP."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import diffusion
+import lora
+import t5cache
+import train
+from config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (240, 240, 240)}
+
+
+def tiny_unet(stage=1, text_dim=32):
+    config = dict(
+        block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, in_channels=3, out_channels=6,
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=text_dim, encoder_hid_dim_type="text_proj",
+        cross_attention_dim=64, addition_embed_type="text", addition_embed_type_num_heads=4,
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8, cross_attention_norm="group_norm")
+    if stage == 2:
+        config.update(in_channels=6, class_embed_type="timestep", time_embedding_act_fn="gelu",
+                      resnet_skip_time_act=True, resnet_out_scale_factor=1.4142271248762552,
+                      mid_block_scale_factor=1.4142271248762552)
+    return config
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Coloured squares of a few sizes with filename captions, and a tiny T5 in the Hub layout."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "imgs").mkdir()
+    for i in range(8):
+        name = list(COLOURS)[i % 4]
+        w, h = [(64, 64), (96, 64), (128, 128), (64, 96)][i % 4]
+        Image.new("RGB", (w, h), COLOURS[name]).save(root / "imgs" / f"a_{name}_square_{i}.png")
+    t5cache.make_tiny_t5(root / "t5", [f"a {c} square" for c in COLOURS] + [""])
+    return root
+
+
+def config(project, tmp_path, stage=1, **kw) -> Config:
+    values = dict(
+        unet_config=tiny_unet(stage), model_type="full", text_encoder=str(project / "t5"),
+        text_cache_dir=str(project / "cache"), output_dir=str(tmp_path / "out"), dataloader_num_workers=0,
+        datasets=[{"id": "s", "instance_data_dir": str(project / "imgs"), "caption_strategy": "filename",
+                   "resolution": 32 if stage == 1 else 64, "minimum_image_size": 32}],
+        max_train_steps=4, checkpointing_steps=2, validation_steps=0, logging_steps=1, train_batch_size=2,
+        learning_rate=1e-3, lr_scheduler="constant", seed=3,
+    )
+    if stage == 2:
+        values["model_flavour"] = "ii-medium-450m"
+    values.update(kw)
+    return Config(**values)
+
+
+def write_config(cfg: Config, path: Path) -> str:
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.to_dict().items()))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer
+
+
+def test_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([1.0 + 2**-10, -3.0 - 2**-9, 0.1, 1e-30])  # between bf16 neighbours
+    draws = torch.stack([train.stochastic_round(x, g).float() for _ in range(20000)])
+    assert ((draws - x).abs() <= x.abs() * 2**-7).all()  # always one of the two neighbours
+    torch.testing.assert_close(draws.mean(0), x, rtol=2e-4, atol=0)
+    assert x.bfloat16().float()[0] == 1.0  # round-to-nearest would lose the offset entirely
+
+
+def test_update_below_bf16_resolution_moves_weights_in_expectation():
+    g = torch.Generator().manual_seed(0)
+    w = torch.ones(10000, dtype=torch.bfloat16)
+    nearest = w.clone()
+    for _ in range(100):  # 100 updates of 1e-4 each: every one is far below bf16's step of 2^-7 at 1.0
+        w = train.stochastic_round(w.float() - 1e-4, g)
+        nearest = (nearest.float() - 1e-4).bfloat16()
+    assert torch.equal(nearest, torch.ones_like(nearest))  # round-to-nearest never moved
+    assert abs(w.float().mean().item() - (1 - 1e-2)) < 1e-3
+
+
+def test_fp32_adamw_equals_torch_adamw():
+    torch.manual_seed(0)
+    a = [torch.randn(5, 7, requires_grad=True), torch.randn(3, 2, 4, 4, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ours = train.AdamW(a, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    ref = torch.optim.AdamW(b, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    for step in range(5):
+        for ps in (a, b):
+            sum(((p - step) ** 2).sum() for p in ps).backward()
+        ours.step(), ref.step(), ours.zero_grad(), ref.zero_grad()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fp32_master", [False, True])
+def test_bf16_adamw_tracks_fp32_on_regression(fp32_master):
+    torch.manual_seed(0)
+    X, w_true = torch.randn(128, 16), torch.randn(16, 1)
+    y = X @ w_true
+
+    def fit(dtype, **kw):
+        w = torch.zeros(16, 1, dtype=dtype, requires_grad=True)
+        opt = train.AdamW([w], lr=2e-2, weight_decay=0.0, generator=torch.Generator().manual_seed(1), **kw)
+        for i in range(600):
+            ((X.to(dtype) @ w).float() - y).square().mean().backward()
+            opt.step(2e-2 * (1 - i / 600)), opt.zero_grad()
+        return w.detach().float()
+
+    full, half = fit(torch.float32), fit(torch.bfloat16, fp32_master=fp32_master)
+    assert (full - w_true).norm() < 1e-3 * w_true.norm()  # fp32 solves the problem
+    assert (half - full).norm() < 1e-2 * w_true.norm()  # bf16 alone resolves only ~0.4% of each weight
+
+
+def test_lr_schedules_end_at_lr_end():
+    for name in ("linear", "cosine", "polynomial"):
+        cfg = Config(learning_rate=1e-3, lr_end=1e-5, lr_scheduler=name, lr_warmup_steps=10, max_train_steps=100)
+        lrs = [train.lr_at(s, cfg) for s in range(100)]
+        assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+        assert lrs[-1] == pytest.approx(1e-5) and all(a >= b - 1e-12 for a, b in zip(lrs[9:], lrs[10:]))
+    assert train.lr_at(50, Config(learning_rate=2e-4, lr_scheduler="constant")) == 2e-4
+
+
+def test_ema_update():
+    ema, w = torch.zeros(1000), torch.ones(1000)
+    train.ema_update(ema, w, 0.9)
+    torch.testing.assert_close(ema, torch.full((1000,), 0.1))
+    ema16 = torch.zeros(100000, dtype=torch.bfloat16)
+    train.ema_update(ema16, w.bfloat16().repeat(100), 0.999, torch.Generator().manual_seed(0))
+    assert abs(ema16.float().mean().item() - 1e-3) < 2e-5  # unbiased even though 1e-3 * 1 rounds in bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and learning
+
+
+def test_stage2_inputs_are_the_noised_upsampled_partner(project, tmp_path):
+    cfg = config(project, tmp_path, stage=2, noise_aug_range=(100, 900))
+    sched = diffusion.Schedule()
+    low = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = {"pixels": torch.rand(2, 3, 128, 128) * 2 - 1, "low_res": low}
+    gen = torch.Generator().manual_seed(0)
+    x0, noise, t, x_in, x_t, level = train.model_inputs(batch, sched, cfg, gen, 0, 1, "cpu", torch.float32)
+    assert x_in.shape == (2, 6, 128, 128) and torch.equal(x_in[:, :3], x_t)
+    assert level.dtype == torch.int64 and ((100 <= level) & (level < 900)).all() and not torch.equal(level, t)
+    # replay the draws: t, noise, level, then the augmentation noise
+    gen.manual_seed(0)
+    diffusion.sample_timesteps(2, 1000, gen, "uniform", "cpu"), torch.randn((2, 3, 128, 128), generator=gen)
+    assert torch.equal(torch.randint(100, 900, (2,), generator=gen), level)
+    aug = torch.randn((2, 3, 128, 128), generator=gen)
+    up = torch.nn.functional.interpolate(low, size=(128, 128), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(x_in[:, 3:], diffusion.q_sample(sched, up, aug, level))
+
+
+def test_rank_slices_reproduce_the_global_batch(project, tmp_path):
+    """What rank r of 2 draws is exactly the r-th half of what one process draws for the whole batch."""
+    cfg, sched = config(project, tmp_path, stage=2), diffusion.Schedule()
+    full = {"pixels": torch.rand(4, 3, 64, 64), "low_res": torch.rand(4, 3, 16, 16)}
+    one = train.model_inputs(full, sched, cfg, torch.Generator().manual_seed(5), 0, 1, "cpu", torch.float32)
+    for r in range(2):
+        half = {k: v[2 * r : 2 * r + 2] for k, v in full.items()}
+        mine = train.model_inputs(half, sched, cfg, torch.Generator().manual_seed(5), r, 2, "cpu", torch.float32)
+        for a, b in zip(one, mine):
+            torch.testing.assert_close(a[2 * r : 2 * r + 2], b)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "dora", "bitfit", "lora_stage2"])
+def test_loss_on_a_repeated_batch_falls(kind, project, tmp_path):
+    stage = 2 if kind == "lora_stage2" else 1
+    cfg = config(project, tmp_path, stage=stage, model_type="full" if kind in ("full", "bitfit") else "lora",
+                 use_dora=kind == "dora", use_bitfit=kind == "bitfit", lora_rank=8)
+    unet, params, _ = train.setup_model(cfg, torch.device("cpu"), torch.float32)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    expected = {"full": lambda n: True, "bitfit": lambda n: n.endswith(".bias"),
+                "dora": lambda n: "lora_" in n}.get(kind, lambda n: "lora_A" in n or "lora_B" in n)
+    assert trainable == {n for n, _ in unet.named_parameters() if expected(n)}
+    opt = train.AdamW(params, lr=3e-3 if kind == "full" else 1e-2, weight_decay=0.0)
+    sched, g = diffusion.Schedule(), torch.Generator().manual_seed(0)
+    colours = torch.tensor([[0.8, -0.8, -0.8], [-0.8, -0.8, 0.8]])[:, :, None, None]  # a red and a blue image
+    batch = {"pixels": colours.expand(2, 3, 32, 32).contiguous(), "low_res": colours.expand(2, 3, 8, 8).contiguous()}
+    x0, noise, t, x_in, x_t, level = train.model_inputs(batch, sched, cfg, g, 0, 1, "cpu", torch.float32)
+    text = torch.randn(2, 7, 32)
+
+    def loss():
+        out = unet(x_in, t, text, noise_level=level)
+        return diffusion.training_losses(sched, out, x0, x_t, t, noise).mean()
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(30):
+        loss().backward()
+        opt.step(), opt.zero_grad()
+    with torch.no_grad():
+        after = loss().item()
+    # deterministic (fixed batch, noise and t), so a steady fall cannot happen by chance; adapters on a random
+    # base have little to work with, a full fine-tune much more
+    assert after < (0.5 if kind == "full" else 0.9) * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs: outputs, exact resume, crash safety, DDP, non-finite steps
+
+
+def run(cfg_path, *args, env=None, timeout=300):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), cfg_path, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=e)
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_sigkill_and_resume_is_exact(project, tmp_path):
+    cfg = config(project, tmp_path, max_train_steps=6, checkpointing_steps=3, mixed_precision="bf16")
+    path = write_config(cfg, tmp_path / "c.py")
+    straight = run(path, f"--output_dir={tmp_path / 'a'}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), path, f"--output_dir={tmp_path / 'b'}",
+                             "--checkpointing_steps=3"], cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "b" / "checkpoint-3").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL), proc.wait()
+    assert (tmp_path / "b" / "checkpoint-3").exists() and not (tmp_path / "b" / "unet").exists()
+    resumed = run(path, f"--output_dir={tmp_path / 'b'}", "--resume_from_checkpoint=latest")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert next(iter(a.values())).dtype == torch.bfloat16
+    rows = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r][-3:] == [4, 5, 6]
+    for name in ("config.json", "loss.png", "skipped.txt", "scheduler/scheduler_config.json"):
+        assert (tmp_path / "a" / name).exists(), name
+
+
+def test_crash_while_checkpointing_keeps_the_previous_one(project, tmp_path, monkeypatch):
+    cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=2, model_type="lora")
+    real = train.save_weights
+    calls = []
+
+    def flaky(unet, cfg, directory, source):
+        calls.append(directory)
+        if len(calls) == 2:
+            real(unet, cfg, directory, source)
+            raise OSError("disk full (simulated)")
+        real(unet, cfg, directory, source)
+
+    monkeypatch.setattr(train, "save_weights", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        train.main(cfg)
+    out = Path(cfg.output_dir)
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "checkpoint-4.tmp").exists() and not (out / "checkpoint-4").exists()
+    monkeypatch.setattr(train, "save_weights", real)
+    cfg.resume_from_checkpoint = "latest"
+    assert train.find_checkpoint(cfg).name == "checkpoint-2"
+    assert train.main(cfg)["step"] == 4 and not (out / "checkpoint-4.tmp").exists()
+
+
+def test_nonfinite_steps_are_skipped_and_counted(project, tmp_path, monkeypatch):
+    cfg = config(project, tmp_path, max_train_steps=3, checkpointing_steps=100)
+    real, n = diffusion.training_losses, []
+
+    def poisoned(*a, **k):
+        loss, terms = real(*a, **k)
+        n.append(1)
+        return (loss * float("nan"), terms) if len(n) == 2 else (loss, terms)
+
+    monkeypatch.setattr(diffusion, "training_losses", poisoned)
+    train.main(cfg)
+    rows = [json.loads(x) for x in open(Path(cfg.output_dir) / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    cfg.max_nonfinite_steps, cfg.output_dir = 2, str(tmp_path / "o2")
+    monkeypatch.setattr(diffusion, "training_losses", lambda *a, **k: (real(*a, **k)[0] * math.nan, real(*a, **k)[1]))
+    with pytest.raises(RuntimeError, match="2 steps in a row"):
+        train.main(cfg)
+
+
+def test_two_gloo_processes_equal_one(project, tmp_path):
+    """Two processes with half the batch each give the weights one process gets (float summation order aside)."""
+    cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100)
+    path = write_config(cfg, tmp_path / "c.py")
+    one = run(path, f"--output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+               str(ROOT / "train.py"), path, f"--output_dir={tmp_path / 'two'}", "--train_batch_size=2"]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved < 1e-5, moved  # Adam steps are ~lr=1e-3: a different batch split would differ by ~1e-3
+
+
+def test_final_lora_loads_in_diffusers(project, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = config(project, tmp_path, model_type="lora", lora_rank=4, lora_alpha=8.0, max_train_steps=2,
+                 learning_rate=1e-2)
+    train.main(cfg)
+    out = Path(cfg.output_dir)
+    meta = lora.read_lora_metadata(out / "pytorch_lora_weights.safetensors")
+    assert meta["variance_trained"] == "true"
+    torch.manual_seed(cfg.seed)  # the base is the seeded random init; rebuild it on both sides
+    base = train.build(cfg.unet_config)
+    base.save_pretrained(tmp_path / "base")
+    ours = train.UNet.from_pretrained(tmp_path / "base", subfolder=None)
+    ref = UNet2DConditionModel.from_pretrained(tmp_path / "base")
+    x, t, text = torch.randn(1, 3, 32, 32), torch.tensor([500]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        before = ours(x, t, text)
+        lora.load_lora(ours, out / "pytorch_lora_weights.safetensors")
+        ref.load_lora_adapter(str(out / "pytorch_lora_weights.safetensors"), prefix="unet", use_safetensors=True)
+        ours_after, ref_after = ours(x, t, text), ref(x, t, text).sample
+    assert (ours_after - before).abs().max() > 1e-3  # the LoRA changed something
+    torch.testing.assert_close(ref_after, ours_after, rtol=1e-5, atol=1e-5)
+
+
+def test_config_mismatch_is_refused(project, tmp_path):
+    train.build(tiny_unet(1)).save_pretrained(tmp_path / "stage1" / "unet")
+    cfg = config(project, tmp_path, unet_config=None, pretrained=str(tmp_path / "stage1"),
+                 model_flavour="ii-medium-450m")
+    with pytest.raises(ValueError, match="stage 1 U-Net but the config trains stage 2"):
+        train.setup_model(cfg, torch.device("cpu"), torch.float32)
+    assert load_config(["--model_flavour=ii-large-1.2b"]).stage == 2
