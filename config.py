@@ -148,7 +148,7 @@ class Config:
     num_images: int = _opt(1, "sample.py: images per prompt")
     steps: int | None = _opt(None, "sample.py: stage I sampler steps (None: 100, or the timesteps list)")
     guidance: float = _opt(7.0, "sample.py: stage I classifier-free guidance")
-    timesteps: str | None = _opt(None, "sample.py: 'leading', 'trailing', an IF respacing ('smart100') or a list")
+    timesteps: str | list | None = _opt(None, "sample.py: 'leading', 'trailing', an IF respacing ('smart100'), a list")
     variance: Literal["auto", "learned_range", "fixed_small"] = _opt(
         "auto", "sample.py: variance (auto: learned_range unless a LoRA says its variance head was not trained)"
     )

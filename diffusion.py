@@ -41,6 +41,16 @@ IF_RESPACINGS = {
 # the schedule
 
 
+# The scheduler_config.json IF ships (diffusers' DDPMScheduler keys); sample_max_value is 1.5 for stage I and
+# 1.0 for stage II. Written beside a fine-tuned unet/ so the folder samples as IF does.
+IF_SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+    "beta_start": 0.0001, "beta_end": 0.02, "variance_type": "learned_range", "prediction_type": "epsilon",
+    "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5, "clip_sample": True,
+    "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0,
+}
+
+
 def cosine_betas(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
     """Improved DDPM eq. 17: alpha-bar(s) = cos((s + 0.008) / 1.008 * pi/2)^2, beta_i = 1 - abar(i+1)/abar(i),
     capped at 0.999. Computed in Python floats (float64) and stored as float32, as diffusers'

@@ -27,14 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusion import Schedule, p_sample_step, q_sample, randn, timesteps_for
+from diffusion import IF_SCHEDULER_CONFIG, Schedule, p_sample_step, q_sample, randn, timesteps_for
 from lora import load_lora, merge_lora, read_lora_metadata
 from model import UNet
 
-# The scheduler as IF ships it (IF_REFERENCE §3), used when weights come without scheduler/scheduler_config.json,
-# and diffusers' DDPMScheduler defaults, which is what a config file that omits a key means.
-IF_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", variance_type="learned_range",
-                    thresholding=True, dynamic_thresholding_ratio=0.95, clip_sample=True)
+# diffusion.IF_SCHEDULER_CONFIG is used when weights come without scheduler/scheduler_config.json; DDPM_DEFAULTS
+# are diffusers' DDPMScheduler defaults, which is what a config file that omits a key means.
 IF_SAMPLE_MAX = {1: 1.5, 2: 1.0}  # dynamic thresholding's upper bound, stage I and stage II
 DDPM_DEFAULTS = dict(variance_type="fixed_small", thresholding=False, dynamic_thresholding_ratio=0.995,
                      sample_max_value=1.0, clip_sample=True, prediction_type="epsilon", beta_schedule="linear",
@@ -183,7 +181,7 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
     if stage is not None:
         _check_stage(unet, stage, str(path_or_id))
     found = read_scheduler_config(path_or_id)
-    if_own = {**IF_SCHEDULER, "sample_max_value": IF_SAMPLE_MAX[unet_stage]}  # weights without a config: IF's
+    if_own = {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[unet_stage]}  # weights without a config: IF's
     s = {**DDPM_DEFAULTS, **(found if found is not None else if_own)}  # a config that omits a key: diffusers'
     if (s["prediction_type"], s["beta_schedule"], s["steps_offset"]) != ("epsilon", "squaredcos_cap_v2", 0):
         raise ValueError(f"{path_or_id}: scheduler config has prediction_type={s['prediction_type']!r}, beta_schedule="
