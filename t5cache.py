@@ -34,14 +34,78 @@ BUILD_CMD = "python t5cache.py CONFIG"
 
 
 def prepare_caption(text: str, clean_caption: bool = False) -> str:
-    """IF's text preprocessing (IF_REFERENCE §4): lowercase and strip."""
-    if clean_caption:
-        # IF's optional cleaning (URLs, HTML via beautifulsoup4, ftfy, ~40 ad-hoc regexes, applied twice)
-        # is not reimplemented here; the pipelines' default is off and that is what IF trained with.
-        raise NotImplementedError(
-            "clean_caption=True (IF's heavy caption cleaning: beautifulsoup4 + ftfy + regexes) is not "
-            "implemented; clean your captions beforehand, or set clean_caption=False (IF's default)")
-    return text.lower().strip()
+    """IF's text preprocessing (IF_REFERENCE §4): lowercase and strip; with clean_caption=True, IF's heavy
+    cleaning instead, applied twice as its pipelines do (an optional install: `pip install beautifulsoup4
+    ftfy`). The result is what T5 reads and what the cache keys on."""
+    return _clean_caption(_clean_caption(text)) if clean_caption else text.lower().strip()
+
+
+# IF's caption cleaning (`_clean_caption` of diffusers' deepfloyd_if pipelines) as (pattern, replacement)
+# rules applied in order, quirks kept: T5 must read exactly the text IF's pipelines give it.
+_DOMAIN = r"[a-zA-Z0-9.-]+\.(?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b/?(?!@)"
+_CLEAN_URLS = (  # before HTML parsing
+    ("<person>", "person"),
+    (r"\b(?:https?:(?:/{1,3}|[a-zA-Z0-9%])|" + _DOMAIN + ")", ""),  # the scheme, then bare domains + paths
+    (r"\b(?:www:(?:/{1,3}|[a-zA-Z0-9%])|" + _DOMAIN + ")", ""),  # again: the first pass may expose domains
+)
+_CLEAN_TEXT = (  # on the text of the HTML
+    (r"@\w+\b", ""),  # @mentions
+    ("[\u31c0-\u9fff]+", ""),  # CJK: strokes, katakana ext., enclosed, compatibility, ideographs (+ ext. A)
+    ("[-\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030\u30a0\ufe31\ufe32"
+     "\ufe58\ufe63\uff0d]+", "-"),  # every kind of dash
+    ("[`´«»“”¨]", '"'), ("[‘’]", "'"),  # quotes to one standard
+    ("&quot;?", ""), ("&amp", ""),  # entities bs4 left (it decoded the rest)
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IPv4 addresses
+    (r"\d:\d\d\s+$", ""),  # article ids at the end
+    (r"\\n", " "),  # a literal backslash-n
+    (r"#\d{1,3}\b", ""), (r"#\d{5,}\b", ""), (r"\b\d{6,}\b", ""),  # #123, #12345.., 123456..
+    (r"\S+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)", ""),  # file names
+    (r"[\"']{2,}", '"'), (r"\.{2,}", " "),  # """shouting""", ellipses
+    (r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]+", " "),  # ***stars***, #tags, brackets, slashes
+    (r"\s+\.\s+", " "),  # a lone " . "
+)
+_CLEAN_CODES = (  # after ftfy and unescaping
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""), (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),  # product codes: jc6640, jc6640vc
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),  # 6640vc231
+    (r"(?:worldwide\s+)?(?:free\s+)?shipping", ""), (r"(?:free\s)?download(?:\sfree)?", ""),  # shop talk
+    (r"\bclick\b\s(?:for|on)\s\w+", ""),
+    (r"\b(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)(?:\simages?)?", ""), (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),  # j2d1a2a...
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),  # sizes: 1920x1080 (latin x, cyrillic х, ×)
+    (r"\b\s+:\s+", ": "), (r"(\D[,./])\b", r"\1 "),  # space after punctuation, not inside 1,000 or 2.5
+    (r"\s+", " "),
+    (r"^[\"'](.+)[\"']$", r"\1"),  # outer quotes (IF strips only after this: a leading space keeps them)
+    (r"^['_,:;-]", ""), (r"['_,:+-]$", ""), (r"^\.\S+$", ""),  # a stray mark at either end; a lone ".xyz"
+)
+
+
+def _clean_caption(text: str) -> str:
+    """One pass of IF's heavy caption cleaning."""
+    try:
+        import ftfy
+        from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
+    except ImportError as e:  # IF's pipelines fall back to no cleaning here; a cache must not key on that
+        raise ImportError(f"clean_caption=True needs `pip install beautifulsoup4 ftfy` ({e.name} is missing), "
+                          "or set clean_caption=False (IF's default)") from e
+    import html
+    import re
+    import warnings
+    from urllib.parse import unquote_plus
+
+    text = unquote_plus(str(text)).strip().lower()
+    for pattern, repl in _CLEAN_URLS:
+        text = re.sub(pattern, repl, text)
+    with warnings.catch_warnings():  # bs4's "looks like a URL/file name" is noise for captions
+        warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+        text = BeautifulSoup(text, features="html.parser").text
+    for pattern, repl in _CLEAN_TEXT:
+        text = re.sub(pattern, repl, text)
+    if len(re.findall("[-_]", text)) > 3:  # this-is-my-cute-cat, this_is_my_cute_cat
+        text = re.sub("[-_]", " ", text)
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    for pattern, repl in _CLEAN_CODES:
+        text = re.sub(pattern, repl, text)
+    return text.strip()
 
 
 def caption_key(prepared: str, identity: str, max_length: int, dtype: torch.dtype) -> bytes:

@@ -200,3 +200,71 @@ def test_defaults(tiny, tmp_path):
     assert t5cache.default_cache_dir(load_config([])) == os.path.join("cache", "t5")
     assert t5cache.default_cache_dir(load_config(["--output_dir=runs/a"])) == os.path.join("runs", "cache", "t5")
     assert t5cache.default_cache_dir(load_config(["--text_cache_dir=/x"])) == "/x"
+
+
+# ---------------------------------------------------------------------------------------------
+# clean_caption=True: IF's heavy cleaning, against the pipelines' own `_text_preprocessing`
+
+NASTY = [
+    "Check out https://www.Example.com/path?q=1&x=2 NOW", "visit www.site.ru/page-1/ or http:/x and ftp://f.org/pub",
+    "john@example.com wrote to me.it", "http://a.com/b.jpg", "<p>A <b>bold</b> claim &amp; more</p>",
+    "&lt;i&gt;italic&lt;/i&gt; &quot;quoted&quot and &amp;amp; &amp;lt;b&amp;gt;", "<script>x(1)</script>hello <br/>",
+    "@john_doe meets @Jane99 at the park", "猫の写真 a cat 㐀 ㇀ ㈀ ㌀ ䷀ 한국어 ｶﾀｶﾅ", "emoji 🐱🐶✨ party 🎉 ❤️",
+    "em—dash en–dash ‐ ‑ ‒ ― ⸗ 〜 ﹣ － ־ minus −", "«guillemets» “curly” ‘single’ `back´ ¨ „low“",
+    "server 192.168.0.1 and 10.0.0.255:8080", "article 1:23   ", "line one\\nline two\nthree",
+    "#1 best #12345 seller 1234567 items #1234 #tag", "photo IMG_1234.JPG and scan.pdf, file-name.webp x.png",
+    '"""AUSVERKAUFT""" \'\'sold\'\' ...wait... ok .. fine.', "***SALE*** (limited) [new] {x} |y| a\\b a/b ~z ¿¡§",
+    "this-is-my-cute-cat", "this_is_my_cute_cat_photo", "a-b-c d_e", "model jc6640 jc6640vc 6640vc231 j2d1a2a3 x9",
+    "Worldwide Free Shipping! free download now, download free", "click for details, click on here, PNG images",
+    "jpg image of page 12 in the book", "wallpaper 1920x1080, 2.5×3.5 and 800х600 3x", "1,000,000 dollars,2.5 kg,ok",
+    "key : value, a.b.c,d/e", "'quoted caption'", '  "double quoted" ', "-leading dash", "trailing plus+",
+    ":colon start", ".hidden", "MiXeD CaSe   WITH\t\ttabs\nand\r\nnewlines  ", "%20encoded%20url+plus+signs%2",
+    "<person> walking a dog with <PERSON>", "mojibake: cafÃ© crÃ¨me â€œhiâ€\x9d", "Ünïcödé ÀÉÎ straße ﬁ Ⅻ ①",
+    "…and ellipsis… wow!!!??? repeated,,, ;; !!", "", "   ", "\u2028sep\u00a0nbsp\u200bzero", "® © ™ • · º ½ ¾",
+    "123456 789012345 12345 1:23", "'''triple''' \"'mixed'\"", "a . lone . dot .", "_x_", "trailing:", "'",
+]
+
+
+def if_preprocessing(texts: list[str]) -> list[str]:
+    """diffusers' IF text preprocessing with clean_caption=True; it only needs the class's own attributes."""
+    from diffusers import IFPipeline
+
+    return IFPipeline.__new__(IFPipeline)._text_preprocessing(texts, clean_caption=True)
+
+
+def test_clean_caption_matches_if_pipeline():
+    assert len(NASTY) >= 40
+    assert [t5cache.prepare_caption(c, clean_caption=True) for c in NASTY] == if_preprocessing(NASTY)
+    # Random mixtures of the pieces every rule reacts to, so rules also meet each other's leftovers.
+    pieces = ["http://", "https://x.", "www.", ".com", ".ru/", "a.it", "<b>", "</b>", "&amp;", "&quot;", "&lt;",
+              "@", "#", "12", "123456", "1.2.3.4", "jc6640", "2x3", ".jpg", "png", "free", "shipping", "download",
+              "click on", "page 3", "-", "_", "—", "“", "’", "`", '"', "'", "...", "*", "(", "]", "/", "\\", "\\n",
+              ":", ",", ".", "+", ";", " ", "  ", "\n", "猫", "ｶ", "é", "Ã©", "%20", "+", "A", "Cat", "x", "9", "🐱"]
+    rng = random.Random(0)
+    fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(400)]
+    assert [t5cache.prepare_caption(c, clean_caption=True) for c in fuzz] == if_preprocessing(fuzz)
+    assert t5cache.prepare_caption(" A <b>Cat</b> ", clean_caption=False) == "a <b>cat</b>"  # off: only lower+strip
+
+
+def test_clean_caption_is_what_the_cache_keys_on(tiny, tmp_path):
+    same = ["A <b>Cat</b> at https://example.com/cats/", "a cat at", "@bob a cat at 192.168.1.1"]
+    assert {t5cache.prepare_caption(c, clean_caption=True) for c in same} == {"a cat at"}
+    stats = t5cache.build_cache([*same, "A Dog"], str(tiny), tmp_path / "c", clean_caption=True, progress=False)
+    assert stats["encoded"] == 3  # "a cat at", "a dog", ""
+    cache = t5cache.TextCache(tmp_path / "c")
+    emb = cache.get([*same, "<i>a dog</i>"])
+    ref, _, _ = reference(tiny, ["a cat at", "a dog"])
+    assert torch.equal(emb, ref[[0, 0, 0, 1]].bfloat16())  # T5 read the cleaned text
+    assert len(cache) == 3 and cache.missing(["a cat at", "a cat at 192.168.1"]) == ["a cat at 192.168.1"]
+    with pytest.raises(ValueError, match="clean_caption: cache has True, asked False"):
+        t5cache.build_cache(["a cat"], str(tiny), tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("module", ["bs4", "ftfy"])
+def test_clean_caption_without_its_packages_says_what_to_install(tiny, monkeypatch, module):
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # as if not installed
+    with pytest.raises(ImportError, match=rf"pip install beautifulsoup4 ftfy` \({module} is missing"):
+        t5cache.prepare_caption("a cat", clean_caption=True)
+    with pytest.raises(ImportError, match="clean_caption=False"):  # before T5 is loaded
+        t5cache.TextEncoder(str(tiny), clean_caption=True)
+    assert t5cache.prepare_caption(" A Cat", clean_caption=False) == "a cat"
