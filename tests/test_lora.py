@@ -1,17 +1,22 @@
 """lora.py against peft and diffusers on tiny IF-style U-Nets (CPU, fp32 unless said otherwise).
 
-`make_unets()` builds the model under test and a diffusers twin with the same weights. Today both are diffusers
-UNet2DConditionModels (model.py's U-Net uses the same module names); to test model.UNet, return it as the first.
+`make_unets()` gives our model.UNet and a diffusers UNet2DConditionModel twin holding the same weights (ours is
+loaded from the twin's save_pretrained folder). Parity tests put our LoRA on our U-Net and peft's (or diffusers'
+loader's) on the twin; lora.py works on any nn.Module, so a few tests also put ours on the diffusers U-Net.
+The two U-Nets already differ by ~1e-6 relative in fp32, so outputs are compared relative to their scale.
 """
 
 import copy
 import functools
+import json
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 import lora
+from model import UNet
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -20,12 +25,14 @@ CONFIG = dict(  # IF's architecture in miniature
     sample_size=16, in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1,
     down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
     up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=8, cross_attention_dim=32,
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=8, cross_attention_dim=64,
     encoder_hid_dim=24, encoder_hid_dim_type="text_proj", addition_embed_type="text",
     addition_embed_type_num_heads=2, resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm",
     norm_num_groups=4, act_fn="gelu",
-)
+)  # cross_attention_dim 64: norm_cross (32 groups) mixes 2 channels, so encoder_hid_proj's DoRA scale matters
 N_ATTN = 4  # attention blocks in CONFIG: down 1, mid 1, up 2
+N_RESNET = 10  # resnets (each with conv1, conv2): down 2 + downsampler, mid 2, up 4 + upsampler
+N_SHORTCUT = 5  # resnets with a conv_shortcut: the one that widens 16 -> 32 going down, and every up resnet
 EXTRA = ("conv1", "encoder_hid_proj")  # resnet convs and the text projection, beyond the default targets
 
 
@@ -38,16 +45,33 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def seed():
+    """add_lora draws A from the global generator: the same numbers whichever tests ran before."""
+    torch.manual_seed(0)
+
+
 @functools.cache
-def _template():
+def _templates():
     torch.manual_seed(0)
     # frozen, because diffusers' own output moves by ~1e-6 when its weights require grad
-    return diffusers.UNet2DConditionModel(**CONFIG).requires_grad_(False)
+    ref = diffusers.UNet2DConditionModel(**CONFIG).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = UNet.from_pretrained(folder, subfolder=None).requires_grad_(False)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
+    return ours, ref
 
 
 def make_unets():
-    """(model under test, diffusers reference) with identical random weights, frozen."""
-    return copy.deepcopy(_template()), copy.deepcopy(_template())
+    """(our UNet, diffusers twin) with identical random weights, frozen, in eval mode."""
+    ours, ref = _templates()
+    return copy.deepcopy(ours), copy.deepcopy(ref)
+
+
+def our_unet():
+    return copy.deepcopy(_templates()[0])
 
 
 def inputs(seed=1):
@@ -55,10 +79,14 @@ def inputs(seed=1):
     return torch.randn(2, 3, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 24, generator=g)
 
 
-def run(unet, grad=False):
+def run(unet, grad=False, x=None):
+    """One forward on fixed inputs, for either U-Net: ours takes (x, t, text), diffusers' returns `.sample`."""
+    x0, t, text = inputs()
+    x = x0 if x is None else x
     with torch.set_grad_enabled(grad):
-        out = unet(*inputs())
-    return out.sample if hasattr(out, "sample") else out
+        if isinstance(unet, UNet):
+            return unet(x, t, text)
+        return unet(x, t, encoder_hidden_states=text).sample
 
 
 def perturb(params, seed=2):
@@ -87,8 +115,10 @@ def copy_from_peft(ours, ref):
                 layer.lora_magnitude["default"].copy_(p.lora_magnitude_vector["default"].weight.reshape(-1))
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def close(a, b, rtol=1e-5, scale=0.0):
+    """Agreement relative to the tensor's scale (or `scale`, if larger: for tensors that should be ~0)."""
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), scale)
+    assert err < rtol, f"relative error {err:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +130,7 @@ def test_target_matching():
     assert not lora.matches("a.add_to_q", "to_q") and not lora.matches("a.to_out.0", "to_out")
     assert lora.matches("down_blocks.1.resnets.0.conv1", r"re:down_blocks\.\d\.resnets\.\d\.conv\d")
     assert not lora.matches("up_blocks.1.resnets.0.conv1", r"re:down_blocks\..*")
-    ours, _ = make_unets()
+    ours = our_unet()
     with pytest.raises(ValueError, match="'to_qq' matches no module"):
         lora.add_lora(ours, 4, targets=("to_q", "to_qq"))
     with pytest.raises(ValueError, match="ModuleList"):
@@ -110,26 +140,27 @@ def test_target_matching():
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_identity_trainable_set_and_base_keys(dora):
-    ours, ref = make_unets()
+    ours, plain = our_unet(), our_unet()
     base_sd = {k: v.clone() for k, v in ours.state_dict().items()}
-    params = lora.add_lora(ours, 4, alpha=6, dora=dora)
-    assert torch.equal(run(ours), run(ref))  # B = 0 (and m = ||W||): exactly the identity
+    params = lora.add_lora(ours, 4, alpha=6, targets=lora.DEFAULT_TARGETS + EXTRA, dora=dora)
+    x = inputs()[0].requires_grad_()  # the frozen-conv path of model.conv() runs only when grads flow
+    assert torch.equal(run(ours, grad=True, x=x), run(plain, grad=True, x=x))  # B = 0 (and m = ||W||): identity
     layers = lora._lora_layers(ours)
-    assert len(layers) == 6 * N_ATTN and all(n.rsplit(".", 1)[-1] in lora.DEFAULT_TARGETS or n.endswith("to_out.0")
-                                             for n in layers)
+    assert len(layers) == 6 * N_ATTN + N_RESNET + 1
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     lora_names = {n for n, _ in ours.named_parameters() if ".lora_" in n}
-    assert trainable == lora_names and len(params) == len(lora_names) == (3 if dora else 2) * 6 * N_ATTN
+    assert trainable == lora_names and len(params) == len(lora_names) == (3 if dora else 2) * len(layers)
     assert {id(p) for p in params} == {id(p) for n, p in ours.named_parameters() if n in lora_names}
     # base names unchanged: a base checkpoint loads strictly, only LoRA keys are "missing"
     assert set(ours.state_dict()) - lora_names == set(base_sd)
     result = ours.load_state_dict(base_sd, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) == lora_names
     assert isinstance(ours.mid_block.attentions[0].to_q, nn.Linear)  # still a Linear to everyone else
+    assert isinstance(ours.mid_block.resnets[0].conv1, nn.Conv2d)
 
 
 def test_bitfit():
-    ours, _ = make_unets()
+    ours = our_unet()
     biases = lora.mark_bitfit(ours)
     names = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert names == {n for n, _ in ours.named_parameters() if n.endswith(".bias")} and len(biases) == len(names)
@@ -139,34 +170,60 @@ def test_bitfit():
     assert len(params) == len(names)
 
 
+def _grads_vs_peft(ours, ref, loss=lambda y: y.square().mean()):
+    """Backward through both; {name: (our grad, peft's grad)} for every trainable parameter of ours."""
+    a, b = run(ours, grad=True), run(ref, grad=True)
+    loss(a).backward()
+    loss(b).backward()
+    theirs = {n.replace(".base_layer.", "."): p for n, p in ref.named_parameters()}
+    out = {}
+    for name, p in ours.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_" in name:  # peft keeps A and B as layers: ...to_q.lora_A.default -> ...lora_A.default.weight
+            name_there = name.replace(".lora_magnitude.", ".lora_magnitude_vector.") + ".weight"
+        else:  # a base parameter (bitfit bias): the same name, peft's base_layer aside
+            name_there = name
+        out[name] = p.grad, theirs[name_there].grad.reshape(p.shape)
+    return a, b, out
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_forward_and_grads_match_peft(dora):
+    """Our U-Net + our LoRA on attention, resnet convs and the text projection (alpha != rank), with bitfit, against
+    diffusers' U-Net + peft: the same output and the same gradient for every LoRA parameter and every bias."""
     ours, ref = make_unets()
     targets = lora.DEFAULT_TARGETS + EXTRA
     lora.add_lora(ours, 4, alpha=6, targets=targets, dora=dora)
+    lora.mark_bitfit(ours)
     peft_ref(ref, 4, 6, dora, targets)
     copy_from_peft(ours, ref)
-    ref.requires_grad_(False)
     for n, p in ref.named_parameters():
-        p.requires_grad_(".lora_" in n)
-    a, b = run(ours, grad=True), run(ref, grad=True)
+        p.requires_grad_(".lora_" in n or n.endswith(".bias"))
+    a, b, grads = _grads_vs_peft(ours, ref)
     close(a, b)
-    a.square().mean().backward()
-    b.square().mean().backward()
-    for name, layer in lora._lora_layers(ours).items():  # same grads: the DoRA norm is detached as in peft
-        p = ref.get_submodule(name)
-        close(layer.lora_A["default"].grad, p.lora_A["default"].weight.grad)
-        close(layer.lora_B["default"].grad, p.lora_B["default"].weight.grad)
-        if dora:
-            close(layer.lora_magnitude["default"].grad, p.lora_magnitude_vector["default"].weight.grad.reshape(-1))
+    assert (a - run(our_unet())).abs().max() > 0.1 * a.abs().max()  # the LoRA is far from the identity
+    n_lora, n_bias = sum(".lora_" in n for n in grads), sum(n.endswith(".bias") for n, _ in ours.named_parameters())
+    assert n_lora == (3 if dora else 2) * (6 * N_ATTN + N_RESNET + 1) and len(grads) == n_lora + n_bias
+    largest = max(g.abs().max().item() for g, _ in grads.values())
+    # fp32 gradients of the two U-Nets differ by up to ~2e-5 relative (in float64 by ~1e-14), hence test_model.py's
+    # gradient tolerance; a key bias under softmax has a zero true gradient, hence the floor.
+    for g, want in grads.values():  # (the DoRA norm is detached as in peft)
+        close(g, want, rtol=1e-4, scale=1e-4 * largest)
 
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_in_training_matches_peft(dora):
-    """With dropout, peft's DoRA is W x + b + (g - 1) W xd + g s B A xd (x undropped in the base term)."""
+    """With dropout, peft's DoRA is W x + b + (g - 1) W xd + g s B A xd (x undropped in the base term).
+
+    Both U-Nets must draw the same dropout masks from the global generator, so the targets are layers they call in
+    the same order (within an attention ours calls add_k/v_proj and to_k/v before to_q, diffusers after) on inputs
+    with the same memory layout (our attention returns channels_last strides, so a conv right after it would lay
+    its mask out differently)."""
     ours, ref = make_unets()
-    lora.add_lora(ours, 4, alpha=6, dora=dora, dropout=0.3)
-    peft_ref(ref, 4, 6, dora, dropout=0.3)
+    targets = ("encoder_hid_proj", "to_q", "to_out.0", "down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv1")
+    lora.add_lora(ours, 4, alpha=6, targets=targets, dora=dora, dropout=0.3)
+    peft_ref(ref, 4, 6, dora, targets, dropout=0.3)
     copy_from_peft(ours, ref)
     ours.train(), ref.train()
     torch.manual_seed(5)
@@ -174,7 +231,52 @@ def test_dropout_in_training_matches_peft(dora):
     torch.manual_seed(5)
     close(a, run(ref))
     ours.eval()
-    assert not torch.allclose(a, run(ours))  # dropout did act
+    assert not torch.allclose(a, run(ours))  # dropout did act, and eval() turns it off:
+    torch.manual_seed(6)
+    close(run(ours), run(ref.eval()))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_on_the_diffusers_unet_matches_peft(dora):
+    """lora.py works on any nn.Module: ours on diffusers' own U-Net (all default targets, dropout) equals peft's."""
+    _, ref = make_unets()
+    theirs = copy.deepcopy(ref)
+    lora.add_lora(theirs, 4, alpha=6, dora=dora, dropout=0.3)
+    peft_ref(ref, 4, 6, dora, dropout=0.3)
+    copy_from_peft(theirs, ref)
+    theirs.train(), ref.train()
+    torch.manual_seed(5)
+    a = run(theirs)
+    torch.manual_seed(5)
+    close(a, run(ref))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_channels_last_matches_contiguous(dora):
+    """Our U-Net in channels_last with LoRA on attention and every resnet conv: same output and LoRA gradients.
+
+    In float64, where the two runs differ only by their kernels' summation orders (~1e-15), so that no layout
+    mistake can hide under fp32 rounding (fp32 attention-key gradients alone differ by ~1e-5 here)."""
+    ours = our_unet().double()
+    perturb(lora.add_lora(ours, 4, alpha=6, targets=lora.DEFAULT_TARGETS + ("conv1", "conv2", "conv_shortcut"),
+                          dora=dora))
+    cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    conv = cl.up_blocks[0].resnets[0].conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and isinstance(conv, lora.LoRAConv2d)
+    assert conv.lora_A["default"].is_contiguous(memory_format=torch.channels_last)
+    x = inputs()[0].double()
+    outs = []
+    for model, xi in ((ours, x), (cl, x.to(memory_format=torch.channels_last))):
+        out = run(model, grad=True, x=xi)
+        out.square().mean().backward()
+        outs.append(out)
+    assert outs[1].dtype == torch.float64 and outs[1].is_contiguous(memory_format=torch.channels_last)
+    close(outs[1], outs[0], rtol=1e-12)
+    theirs = dict(cl.named_parameters())
+    lora_params = [(n, p) for n, p in ours.named_parameters() if ".lora_" in n]
+    assert len(lora_params) == (3 if dora else 2) * (6 * N_ATTN + 2 * N_RESNET + N_SHORTCUT)
+    for name, p in lora_params:
+        close(theirs[name].grad, p.grad, rtol=1e-12)
 
 
 @pytest.mark.parametrize("via", ["pipeline", "unet"])
@@ -192,14 +294,15 @@ def test_our_file_loads_in_diffusers(tmp_path, dora, via):
         pipe.load_lora_weights(tmp_path)  # as the seed's inference snippet does
     else:  # (without use_safetensors=True diffusers reads no metadata and assumes alpha = rank)
         ref.load_lora_adapter(str(path), prefix="unet", use_safetensors=True)
-    close(run(ours), run(ref))
+    want = run(ours)
+    close(want, run(ref))
     meta = lora.read_lora_metadata(path)
     assert meta["if_variance_trained"] == "true"
     cfg = meta[lora.METADATA_KEY]
     assert (cfg["unet.r"], cfg["unet.lora_alpha"], cfg["unet.use_dora"]) == (4, 6, dora)
-    fresh, _ = make_unets()  # and back into ours
+    fresh = our_unet()  # and back into ours, bit for bit
     lora.load_lora(fresh, path)
-    close(run(fresh), run(ours))
+    assert torch.equal(run(fresh), want)
 
 
 def _foreign_file(tmp_path, form, dora=False):
@@ -236,7 +339,7 @@ def _foreign_file(tmp_path, form, dora=False):
 @pytest.mark.parametrize("form", ["diffusers", "mixed", "old", "processor", "peft"])
 def test_foreign_files_load(tmp_path, form):
     path, want = _foreign_file(tmp_path, form)
-    ours, _ = make_unets()
+    ours = our_unet()
     params = lora.load_lora(ours, path)
     assert len(lora._lora_layers(ours)) == 6 * N_ATTN and not any(p.requires_grad for p in params)
     close(run(ours), want)
@@ -244,19 +347,21 @@ def test_foreign_files_load(tmp_path, form):
 
 def test_foreign_dora_file_loads(tmp_path):
     path, want = _foreign_file(tmp_path, "diffusers", dora=True)
-    ours, _ = make_unets()
+    ours = our_unet()
     lora.load_lora(ours, path)
     close(run(ours), want)
 
 
 def test_merge_and_scale(tmp_path):
-    ours, ref = make_unets()
+    """merge_lora on our U-Net (DoRA on attention and convs, plus a second LoRA) keeps its output; the merged
+    weights written by our save_pretrained load in diffusers with the same output."""
+    ours, plain = our_unet(), our_unet()
     base_keys = set(ours.state_dict())
     perturb(lora.add_lora(ours, 4, alpha=6, targets=lora.DEFAULT_TARGETS + EXTRA, dora=True))
     perturb(lora.add_lora(ours, 2, alpha=3, name="second"), seed=3)
     want = run(ours)
     lora.set_lora_scale(ours, 0.0)
-    assert torch.equal(run(ours), run(ref))  # scale 0: off, DoRA magnitude included
+    assert torch.equal(run(ours), run(plain))  # scale 0: off, DoRA magnitude included
     lora.set_lora_scale(ours, 1.0)
     lora.set_lora_scale(ours, 0.0, name="second")
     only_first = run(ours)
@@ -264,7 +369,7 @@ def test_merge_and_scale(tmp_path):
     lora.set_lora_scale(ours, 1.0, name="second")
     lora.merge_lora(ours)
     assert not lora._lora_layers(ours) and set(ours.state_dict()) == base_keys
-    assert type(ours.mid_block.attentions[0].to_q) is nn.Linear
+    assert type(ours.mid_block.attentions[0].to_q) is nn.Linear and type(ours.mid_block.resnets[0].conv1) is nn.Conv2d
     close(run(ours), want)
     ours.save_pretrained(tmp_path)  # the merged U-Net is a plain checkpoint diffusers reads
     back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).requires_grad_(False)
@@ -283,7 +388,7 @@ def test_per_module_rank_and_alpha_survive_into_diffusers(tmp_path):
     sd[f"{key}.lora_B.weight"] = torch.randn(32, 2, generator=g)
     sd[f"{key}.alpha"] = torch.tensor(5.0)
     save_file(sd, tmp_path / "b.safetensors", metadata={lora.METADATA_KEY: '{"unet.lora_alpha": 6}'})
-    mixed, _ = make_unets()
+    mixed = our_unet()
     lora.load_lora(mixed, tmp_path / "b.safetensors")
     assert mixed.mid_block.attentions[0].to_q.lora_alpha == {"default": 5.0}
     assert mixed.mid_block.attentions[0].to_k.lora_alpha == {"default": 6.0}
@@ -295,7 +400,7 @@ def test_per_module_rank_and_alpha_survive_into_diffusers(tmp_path):
 def test_bad_files_list_every_problem(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    ours, _ = make_unets()
+    ours = our_unet()
     lora.add_lora(ours, 4)
     good = tmp_path / "good.safetensors"
     lora.save_lora(ours, good)
@@ -305,7 +410,7 @@ def test_bad_files_list_every_problem(tmp_path):
     sd["unet.mid_block.attentions.0.to_k.hada_w1_a"] = torch.zeros(4, 32)  # a key form we do not know
     bad = tmp_path / "bad.safetensors"
     save_file(sd, bad)
-    fresh, _ = make_unets()
+    fresh = our_unet()
     with pytest.raises(ValueError) as err:
         lora.load_lora(fresh, bad)
     for key in ("mid_block.attentions.0.to_q.lora_B.weight", "down_blocks.7", "hada_w1_a"):
@@ -314,6 +419,26 @@ def test_bad_files_list_every_problem(tmp_path):
     lora.load_lora(fresh, good)
     with pytest.raises(ValueError, match="already has a LoRA named 'default'"):
         lora.load_lora(fresh, good)
+
+
+def test_extra_metadata_and_other_components_are_ignored(tmp_path):
+    """A file's metadata may carry other entries and other pipeline components' adapter configs (text_encoder.*);
+    only the U-Net's alpha counts. A peft-style config without the "unet." prefix is read as the U-Net's."""
+    from safetensors.torch import load_file, save_file
+
+    ours = our_unet()
+    perturb(lora.add_lora(ours, 4, alpha=6))
+    want = run(ours)
+    lora.save_lora(ours, tmp_path / "a.safetensors")
+    sd = load_file(tmp_path / "a.safetensors")
+    for config in ({"unet.r": 4, "unet.lora_alpha": 6, "text_encoder.r": 8, "text_encoder.lora_alpha": 1},
+                   {"r": 4, "lora_alpha": 6}):
+        meta = {"format": "pt", "modelspec.title": "a", "ss_network_alpha": "1", lora.METADATA_KEY: json.dumps(config)}
+        save_file(sd, tmp_path / "b.safetensors", metadata=meta)
+        fresh = our_unet()
+        lora.load_lora(fresh, tmp_path / "b.safetensors")
+        assert fresh.mid_block.attentions[0].to_q.lora_alpha == {"default": 6.0}
+        assert torch.equal(run(fresh), want)
 
 
 def _saved_bytes(layer, x):
