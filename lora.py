@@ -162,8 +162,10 @@ def _unwrap(layer: _LoRAMixin) -> None:
 
 
 def _check_name(name: str, layers: dict) -> None:
-    if not re.fullmatch(r"\w+", name):
-        raise ValueError(f"LoRA name {name!r} must be letters, digits and '_' only")
+    # an adapter is an attribute of the ParameterDicts that hold it: "training" or "keys" would shadow theirs
+    if not re.fullmatch(r"\w+", name) or hasattr(nn.ParameterDict(), name):
+        raise ValueError(f"LoRA name {name!r} must be letters, digits and '_' only, and not an attribute of "
+                         f"nn.ParameterDict (such as 'training' or 'keys'); pass another name=")
     taken = [n for n, m in layers.items() if isinstance(m, _LoRAMixin) and name in m.lora_A]
     if taken:
         raise ValueError(f"{taken[0]} (+{len(taken) - 1} more) already has a LoRA named {name!r}; pass another name=")

@@ -421,6 +421,17 @@ def test_bad_files_list_every_problem(tmp_path):
         lora.load_lora(fresh, good)
 
 
+@pytest.mark.parametrize("name", ["training", "keys"])
+def test_adapter_names_that_are_module_attributes_are_refused(name):
+    """Adapters are keys of ParameterDicts, hence attributes of them: "training" would make .train() fail later,
+    "keys" would fail half-way through wrapping. Both must be refused up front, leaving the model as it was."""
+    net = nn.ModuleDict({"proj": nn.Linear(4, 4)})
+    with pytest.raises(ValueError, match=f"LoRA name '{name}'"):
+        lora.add_lora(net, 2, targets=("proj",), name=name)
+    assert type(net.proj) is nn.Linear
+    net.train().eval()
+
+
 def test_extra_metadata_and_other_components_are_ignored(tmp_path):
     """A file's metadata may carry other entries and other pipeline components' adapter configs (text_encoder.*);
     only the U-Net's alpha counts. A peft-style config without the "unet." prefix is read as the U-Net's."""
