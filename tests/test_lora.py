@@ -2,7 +2,7 @@
 
 `make_unets()` gives our model.UNet and a diffusers UNet2DConditionModel twin holding the same weights (ours is
 loaded from the twin's save_pretrained folder). Parity tests put our LoRA on our U-Net and peft's (or diffusers'
-loader's) on the twin; lora.py works on any nn.Module, so a few tests also put ours on the diffusers U-Net.
+loader's) on the twin; lora.py works on any nn.Module, so one test also puts ours on the diffusers U-Net.
 The two U-Nets already differ by ~1e-6 relative in fp32, so outputs are compared relative to their scale.
 """
 
