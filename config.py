@@ -281,7 +281,11 @@ def load_config(argv: list[str] | None = None) -> Config:
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")  # split on the first '=' only
-            _set(values, key.replace("-", "_"), _parse_value(text) if eq else True, f"argument {arg!r}")
+            key, value = key.replace("-", "_"), _parse_value(text) if eq else True
+            hint = _hints().get(key)
+            if eq and hint and not _check_type(value, hint) and _check_type(text, hint):
+                value = text  # --resolution=64 for a str option: the text as typed
+            _set(values, key, value, f"argument {arg!r}")
         else:
             _run_file(Path(arg), values)
     cfg = Config(**values)

@@ -22,6 +22,12 @@ def test_split_on_first_equals_and_string_fallback():
     cfg = load_config(["--validation_prompt=a=b c", "--text_encoder=some/repo"])
     assert cfg.validation_prompt == "a=b c" and cfg.validation_prompts == ["a=b c"]
     assert cfg.text_encoder == "some/repo"
+    # a number typed for a str option is kept as typed; where the option takes numbers too, it stays a number
+    cfg = load_config(["--resolution=64", "--validation_resolution=0064", "--prompt=1e3", "--timesteps=27"])
+    assert (cfg.resolution, cfg.validation_resolution, cfg.prompt, cfg.timesteps) == ("64", "0064", "1e3", "27")
+    assert load_config(["--timesteps=[999, 500, 0]"]).timesteps == [999, 500, 0]
+    with pytest.raises(TypeError, match="lora_rank must be int"):
+        load_config(["--lora_rank=4.5"])
 
 
 def test_unknown_key_names_closest(tmp_path):
@@ -75,3 +81,31 @@ def test_defaults_are_not_shared():
     a, b = Config(), Config()
     a.validation_prompts.append("x")
     assert b.validation_prompts == []
+
+
+def test_shipped_configs():
+    """Every file in configs/ loads; the per-model ones carry the seed guide's recipe for their stage, need only
+    `pretrained` (default: the flavour's Hub repo) and an image folder, and keep their outputs apart."""
+    from pathlib import Path
+
+    from model import FLAVOURS
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert {p.stem for p in configs.glob("*.py")} >= {"demo", "demo_lora", "demo_ii", "i_m", "i_l", "i_xl", "ii_m",
+                                                      "ii_l"}
+    outputs = set()
+    for path in sorted(configs.glob("*.py")):
+        cfg = load_config([str(path)])
+        outputs.add(cfg.output_dir)
+        if path.stem.startswith("demo"):
+            continue
+        flavour = FLAVOURS[cfg.model_flavour]
+        assert (cfg.stage, cfg.weights, cfg.pretrained) == (flavour["stage"], flavour["repo"], None), path.name
+        assert (cfg.learning_rate, cfg.lr_end, cfg.model_type, cfg.lora_rank) == (4e-5, 4e-6, "lora", 32)
+        ds = cfg.datasets[0]
+        res = flavour["resolution"]
+        assert (ds["resolution"], ds["resolution_type"], ds["crop"]) == (res, "pixel", True)
+        assert (ds["minimum_image_size"], ds["maximum_image_size"], ds["target_downsample_size"]) == \
+            (res, 4 * res, 2 * res)  # the seed's 64 / 256 / 128, scaled to the stage
+        assert ds["instance_data_dir"] == "data/my_images"
+    assert len(outputs) == len(list(configs.glob("*.py")))
