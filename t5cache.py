@@ -213,9 +213,11 @@ class TextEncoder:
 
 
 def make_tiny_t5(out_dir, texts: list[str], *, d_model: int = 32, layers: int = 2, heads: int = 2, d_ff: int = 64,
-                 vocab_size: int = 256, seed: int = 0) -> Path:
+                 vocab_size: int = 256, tokenizer_type: str = "unigram", seed: int = 0) -> Path:
     """A random-weight T5 encoder + a SentencePiece tokenizer trained on `texts`, saved in the diffusers
-    layout (out_dir/text_encoder, out_dir/tokenizer) so TextEncoder loads it like the real one."""
+    layout (out_dir/text_encoder, out_dir/tokenizer) so TextEncoder loads it like the real one.
+    `tokenizer_type`: SentencePiece's "unigram" (as T5's) or "word" (whole words: a tiny random T5 cannot
+    learn to spell, so a demo that must tell "red" from "blue" quickly wants one token per word)."""
     import io
 
     import sentencepiece as spm
@@ -224,7 +226,7 @@ def make_tiny_t5(out_dir, texts: list[str], *, d_model: int = 32, layers: int = 
     out = Path(out_dir)
     buf = io.BytesIO()  # T5's special ids: <pad>=0, </s>=1, <unk>=2, no <s>
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   model_type=tokenizer_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
                                    normalization_rule_name="identity", num_threads=1)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
