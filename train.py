@@ -428,7 +428,17 @@ def run(cfg: Config, stop: list) -> dict:
     # ---- the loop --------------------------------------------------------------------------------
     from tqdm import tqdm
 
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics = Metrics(out, cfg.report_to) if rank == 0 else None
+
+    def evaluate(grids=True):  # rank 0: held-out loss, then validation grids
+        if cfg.validation_loss_images:
+            value = eval_loss(unet, fixed[: cfg.validation_loss_images], cache, sched, cfg, device, dtype)
+            metrics.write({"step": step, "eval_loss": value})
+        if grids and (cfg.validation_prompts or cfg.stage == 2):
+            metrics.image(validate(unet, cfg, cache, fixed[: cfg.num_eval_images], step, device, dtype), step)
+
+    if rank == 0 and step == 0 and cfg.validation_steps:
+        evaluate(grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     batches, t0, start = iter(loader), time.time(), step
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
@@ -470,20 +480,17 @@ def run(cfg: Config, stop: list) -> dict:
             row = {"step": step, "loss": float(terms["mse"] + cfg.vlb_weight * terms["vlb"]),
                    "mse": float(terms["mse"]), "vlb": float(terms["vlb"]), "lr": lr, "grad_norm": float(norm),
                    "samples_per_s": rate, "skipped_steps": skipped_total, "time": time.time() - t0}
-            metrics.write(json.dumps(row) + "\n"), metrics.flush()
+            metrics.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
         if rank == 0 and cfg.validation_steps and step % cfg.validation_steps == 0:
-            if cfg.validation_loss_images:
-                value = eval_loss(unet, fixed[: cfg.validation_loss_images], cache, sched, cfg, device, dtype)
-                metrics.write(json.dumps({"step": step, "eval_loss": value}) + "\n"), metrics.flush()
-            if cfg.validation_prompts or cfg.stage == 2:
-                validate(unet, cfg, cache, fixed[: cfg.num_eval_images], step, device, dtype)
+            evaluate()
         if step % cfg.checkpointing_steps == 0 or stop:
             checkpoint()
     bar.close()
-    if rank == 0 and not stop and cfg.validation_steps and step % cfg.validation_steps and \
-            (cfg.validation_prompts or cfg.stage == 2):
-        validate(unet, cfg, cache, fixed[: cfg.num_eval_images], step, device, dtype)  # the final weights' samples
+    if rank == 0 and not stop and cfg.validation_steps and step % cfg.validation_steps:
+        evaluate()  # the final weights' loss and samples
+    if rank == 0:
+        metrics.close()
 
     # ---- the end ---------------------------------------------------------------------------------
     if stop:
@@ -505,6 +512,37 @@ def run(cfg: Config, stop: list) -> dict:
     return summary
 
 
+class Metrics:
+    """metrics.jsonl (one JSON object per line), and TensorBoard scalars and grids with report_to='tensorboard'."""
+
+    def __init__(self, out: Path, report_to: str):
+        self.file, self.tb = open(out / "metrics.jsonl", "a"), None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("report_to='tensorboard' needs TensorBoard: pip install tensorboard") from e
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n"), self.file.flush()
+        for key, value in row.items() if self.tb else ():
+            if key != "step":
+                self.tb.add_scalar(key, value, row["step"])
+
+    def image(self, png: Path, step: int) -> None:
+        if self.tb:
+            import numpy as np
+            from PIL import Image
+
+            self.tb.add_image("validation", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
 def _peak_rss() -> int:
     import resource
 
@@ -522,16 +560,22 @@ def plot_losses(metrics_path: Path, png: Path, size=(640, 360)) -> None:
     k = max(1, len(pts) // 50)
     smooth = [(pts[i][0], sum(v for _, v in pts[max(0, i - k + 1) : i + 1]) / len(pts[max(0, i - k + 1) : i + 1]))
               for i in range(len(pts))]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]  # fixed t and noise: orange dots
     (W, H), m = size, 40
-    x0, x1 = smooth[0][0], smooth[-1][0]
-    lo, hi = min(v for _, v in smooth), max(v for _, v in smooth)
+    x0, x1 = min(s for s, _ in smooth + held), max(s for s, _ in smooth + held)
+    lo, hi = min(v for _, v in smooth + held), max(v for _, v in smooth + held)
+
+    def xy(s, v):
+        return m + (s - x0) / max(1, x1 - x0) * (W - 2 * m), H - m - (v - lo) / max(1e-12, hi - lo) * (H - 2 * m)
+
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    xy = [(m + (s - x0) / max(1, x1 - x0) * (W - 2 * m), H - m - (v - lo) / max(1e-12, hi - lo) * (H - 2 * m))
-          for s, v in smooth]
     d.rectangle([m, m, W - m, H - m], outline="gray")
-    d.line(xy, fill="navy", width=2)
-    d.text((m, 8), f"loss (moving average of {k}): {smooth[-1][1]:.4f} at step {x1}", fill="black")
+    d.line([xy(s, v) for s, v in smooth], fill="navy", width=2)
+    for x, y in (xy(s, v) for s, v in held):
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill="darkorange")
+    title = f"training loss (moving average of {k}): {smooth[-1][1]:.4f} at step {smooth[-1][0]}"
+    d.text((m, 8), title + (f"; held-out loss (dots): {held[-1][1]:.4f}" if held else ""), fill="black")
     d.text((m, H - m + 8), f"step {x0}", fill="black"), d.text((W - m - 60, H - m + 8), f"step {x1}", fill="black")
     d.text((4, m), f"{hi:.3g}", fill="black"), d.text((4, H - m - 10), f"{lo:.3g}", fill="black")
     img.save(png)

@@ -1,0 +1,123 @@
+"""The demo as a new user runs it: `python train.py configs/demo.py` (shortened), what it writes, that it learned,
+then `sample.py` on its result, and the LoRA and stage II demos built on it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import lora
+import sample
+import t5cache
+from config import load_config
+from model import UNet, build
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 320  # about half the demo; with min-SNR weighting (which favours the high-t steps that decide colour)
+# that is enough for the colours to follow the prompts
+
+
+def train(*args, timeout=900):
+    """python train.py ARGS, from the repository root, as the README runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    log = train("configs/demo.py", f"--output_dir={out}", f"--max_train_steps={STEPS}", "--snr_gamma=5.0",
+                f"--validation_steps={STEPS // 2}", f"--checkpointing_steps={STEPS // 2}",
+                "--validation_num_inference_steps=8", "--report_to=tensorboard")
+    return out, log
+
+
+def test_demo_writes_what_the_readme_promises(demo):
+    out, log = demo
+    assert f"done: {STEPS} steps" in log and str(out) in log  # the summary says where the outputs are
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_train_steps"] == STEPS and config["unet_config"]["block_out_channels"] == [32, 64, 128]
+    assert {p.name for p in out.glob("checkpoint-*")} == {f"checkpoint-{STEPS // 2}", f"checkpoint-{STEPS}"}
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "learned_range"
+    grids = sorted((out / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == [f"step-{STEPS // 2:06d}.png", f"step-{STEPS:06d}.png"]
+    assert Image.open(grids[-1]).width >= 2 * 128  # 2 validation sizes per prompt, 128 px cells at least
+    assert Image.open(out / "loss.png").size == (640, 360)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(10, STEPS + 1, 10))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, STEPS // 2, STEPS]
+    assert (out / "skipped.txt").read_text() == ""
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == pytest.approx([(r["step"], r["loss"]) for r in rows if "loss" in r], rel=1e-6)
+    assert [e.step for e in events.Images("validation")] == [STEPS // 2, STEPS]
+
+
+def shape_colours(unet, cache, colour: str) -> torch.Tensor:
+    """R - B of each sample's most saturated quarter of pixels (the shape, not the neutral background), for
+    "a <colour> <shape> on a <background> background" over every shape and background, with fixed seeds."""
+    prompts = [f"a {colour} {s} on a {b} background" for s in ("circle", "square", "triangle")
+               for b in ("white", "black", "gray")]
+    x = sample.stage1(unet, cache.get(prompts), cache.get([""]), height=32, width=32, steps=15, guidance=4.0,
+                      generator=torch.Generator().manual_seed(0)).flatten(2)  # [9, 3, H*W]
+    saturation = x.max(1).values - x.min(1).values
+    top = saturation.topk(saturation.shape[1] // 4, dim=1).indices[:, None].expand(-1, 3, -1)
+    rgb = x.gather(2, top).mean(2)
+    return rgb[:, 0] - rgb[:, 2]
+
+
+def test_demo_learned_colours_and_held_out_loss(demo):
+    """Cannot pass by accident: the held-out loss (fixed images, t and noise) must fall tenfold, and with the same
+    seeds, shapes drawn for "red" prompts must be clearly redder than for "blue" ones - by a margin that an
+    untrained model, whose outputs also shift a little with the words, does not reach."""
+    out, _ = demo
+    held = [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "eval_loss" in line]
+    assert held[-1] < 0.1 * held[0], held
+
+    cache = t5cache.TextCache(ROOT / "data" / "demo" / "t5_cache")
+    cfg = load_config(["configs/demo.py"])
+    torch.manual_seed(0)
+    for unet, learned in ((build(cfg.unet_config).eval(), False), (UNet.from_pretrained(out).eval(), True)):
+        red, blue = shape_colours(unet, cache, "red"), shape_colours(unet, cache, "blue")
+        margin = (red - blue).mean()
+        assert (margin > 0.6) == learned, (learned, red, blue)
+    assert (red > blue).all() and red.mean() > 0.2 and blue.mean() < -0.2, (red, blue)  # red is red, blue is blue
+
+
+def test_sample_command_on_the_demo(demo, tmp_path):
+    out, _ = demo
+    result = sample.main(load_config(["configs/demo.py", f"--pretrained={out}", "--prompt=a red circle on a white "
+                                      "background", "--num_images=2", "--steps=5", "--resolution=32",
+                                      f"--output_dir={tmp_path}"]))
+    assert [Image.open(p).size for p in result["images"]] == [(32, 32), (32, 32)]
+    assert result["images"][0].parent == tmp_path / "samples" and Image.open(result["grid"]).width >= 2 * 128
+    assert result["variance"] == ["learned_range"]  # the demo trains the variance head (hybrid loss)
+
+
+def test_demo_lora_and_stage2_configs_train(demo, tmp_path):
+    """The two follow-up demos, a few steps each: the LoRA on the demo's weights, and the tiny stage II."""
+    out, _ = demo
+    lora_out, ii_out = tmp_path / "lora", tmp_path / "ii"
+    short = ["--max_train_steps=4", "--checkpointing_steps=4", "--validation_steps=4",
+             "--validation_num_inference_steps=2", "--validation_loss_images=2"]
+    train("configs/demo_lora.py", f"--pretrained={out}", f"--output_dir={lora_out}", *short)
+    train("configs/demo_ii.py", f"--output_dir={ii_out}", "--train_batch_size=2", "--num_eval_images=1", *short)
+    meta = lora.read_lora_metadata(lora_out / "pytorch_lora_weights.safetensors")
+    assert meta["base_model"] == str(out) and meta["variance_trained"] == "true"
+    assert (lora_out / "samples" / "step-000004.png").is_file()
+    assert UNet.from_pretrained(ii_out).config["in_channels"] == 6
+    grid = Image.open(ii_out / "samples" / "step-000004.png")
+    assert grid.width >= 3 * 128  # low-res, upscaled and original side by side
