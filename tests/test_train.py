@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -343,3 +344,31 @@ def test_config_mismatch_is_refused(project, tmp_path):
     with pytest.raises(ValueError, match="stage 1 U-Net but the config trains stage 2"):
         train.setup_model(cfg, torch.device("cpu"), torch.float32)
     assert load_config(["--model_flavour=ii-large-1.2b"]).stage == 2
+
+
+@pytest.mark.parametrize("name", ["i_m", "ii_m"])
+def test_real_configs_need_only_weights_and_images(name, project, tmp_path):
+    """configs/i_m.py and ii_m.py as the README uses them: a config that includes one and names the base weights (a
+    diffusers-layout folder with unet/, text_encoder/, tokenizer/) and an image folder with .txt captions."""
+    stage = 2 if name.startswith("ii") else 1
+    weights, images = tmp_path / "weights", tmp_path / "images"
+    torch.manual_seed(0)
+    train.build(tiny_unet(stage)).save_pretrained(weights / "unet")
+    for sub in ("text_encoder", "tokenizer"):
+        shutil.copytree(project / "t5" / sub, weights / sub)
+    images.mkdir()
+    size = 64 if stage == 1 else 256  # each config's resolution: smaller pictures would be skipped
+    for i, (colour, rgb) in enumerate(COLOURS.items()):
+        Image.new("RGB", (size + 32 * i, size), rgb).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} square\n")
+    mine = tmp_path / "mine.py"
+    mine.write_text(f"include({str(ROOT / 'configs' / f'{name}.py')!r})\npretrained = {str(weights)!r}\n"
+                    f"datasets = [dict(datasets[0], instance_data_dir={str(images)!r})]\n")
+    cfg = load_config([str(mine), f"--output_dir={tmp_path / 'out'}", "--max_train_steps=2", "--validation_steps=0",
+                       "--train_batch_size=2", "--dataloader_num_workers=0"])
+    assert (cfg.stage, cfg.learning_rate, cfg.lr_end, cfg.lora_rank) == (stage, 4e-5, 4e-6, 32)
+    assert train.main(cfg)["step"] == 2
+    meta = lora.read_lora_metadata(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert meta["base_model"] == str(weights) and meta["stage"] == str(stage)
+    assert meta[lora.METADATA_KEY]["unet.r"] == 32
+    assert (tmp_path / "out" / "skipped.txt").read_text() == ""  # every picture was used
