@@ -24,7 +24,14 @@ datasets = [dict(datasets[0], resolution=64, crop=True, crop_aspect="square", cr
 output_dir = "output/demo_ii"
 max_train_steps = 600
 train_batch_size = 8
-learning_rate = 1e-3
+learning_rate = 2e-3
+# Two departures from IF's stage II recipe that, with the higher learning rate, made a tiny model learn to use
+# its low-res input within minutes (measured together, not apart): min-SNR weighting (the high-t steps, where only
+# the low-res input tells the layout, count more) and augmentation levels in [0, 500) instead of [0, 1000) (the
+# input is never pure noise). After 600 steps (about 7 minutes on 2 cores) the upscales follow the low-res
+# picture's layout and colours but are still grainy.
+snr_gamma = 5.0
+noise_aug_range = (0, 500)
 checkpointing_steps = 300
 validation_steps = 300
 num_eval_images = 3
