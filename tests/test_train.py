@@ -254,6 +254,25 @@ def test_sigkill_and_resume_is_exact(project, tmp_path):
         assert (tmp_path / "a" / name).exists(), name
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(project, tmp_path):
+    cfg = config(project, tmp_path, max_train_steps=10_000, checkpointing_steps=10_000)
+    path = write_config(cfg, tmp_path / "c.py")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), path], cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics, deadline = tmp_path / "out" / "metrics.jsonl", time.time() + 240
+    while not (metrics.exists() and '"loss"' in metrics.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    step = int(stdout.split("interrupted: checkpoint saved at step ")[1].split(";")[0])
+    assert step >= 1 and [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert not (tmp_path / "out" / "unet").exists()  # interrupted runs do not pretend to be finished
+    resumed = run(path, "--resume_from_checkpoint=latest", f"--max_train_steps={step + 1}")
+    assert resumed.returncode == 0 and f"resumed from {tmp_path / 'out' / f'checkpoint-{step}'}" in resumed.stdout
+    assert (tmp_path / "out" / "unet").is_dir()
+
+
 def test_crash_while_checkpointing_keeps_the_previous_one(project, tmp_path, monkeypatch):
     cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=2, model_type="lora")
     real = train.save_weights
