@@ -564,9 +564,11 @@ def plot_losses(metrics_path: Path, png: Path, size=(640, 360)) -> None:
     (W, H), m = size, 40
     x0, x1 = min(s for s, _ in smooth + held), max(s for s, _ in smooth + held)
     lo, hi = min(v for _, v in smooth + held), max(v for _, v in smooth + held)
+    span = math.log(max(hi, 1e-12)) - math.log(max(lo, 1e-12))
 
-    def xy(s, v):
-        return m + (s - x0) / max(1, x1 - x0) * (W - 2 * m), H - m - (v - lo) / max(1e-12, hi - lo) * (H - 2 * m)
+    def xy(s, v):  # log scale: the first steps' loss is often 100x the last
+        y = (math.log(max(v, 1e-12)) - math.log(max(lo, 1e-12))) / max(1e-12, span)
+        return m + (s - x0) / max(1, x1 - x0) * (W - 2 * m), H - m - y * (H - 2 * m)
 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -574,7 +576,7 @@ def plot_losses(metrics_path: Path, png: Path, size=(640, 360)) -> None:
     d.line([xy(s, v) for s, v in smooth], fill="navy", width=2)
     for x, y in (xy(s, v) for s, v in held):
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill="darkorange")
-    title = f"training loss (moving average of {k}): {smooth[-1][1]:.4f} at step {smooth[-1][0]}"
+    title = f"training loss, log scale (moving average of {k}): {smooth[-1][1]:.4f} at step {smooth[-1][0]}"
     d.text((m, 8), title + (f"; held-out loss (dots): {held[-1][1]:.4f}" if held else ""), fill="black")
     d.text((m, H - m + 8), f"step {x0}", fill="black"), d.text((W - m - 60, H - m + 8), f"step {x1}", fill="black")
     d.text((4, m), f"{hi:.3g}", fill="black"), d.text((4, H - m - 10), f"{lo:.3g}", fill="black")
