@@ -114,3 +114,4 @@ validation_num_inference_steps = 25
 validation_guidance = 4.0
 validation_loss_images = 16
 logging_steps = 10
+resolution = "32"  # sample.py's stage I size: the demo's (stage II then upscales 4x, to 128 px)
