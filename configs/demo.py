@@ -87,7 +87,8 @@ datasets = [{
     "resolution": 32, "resolution_type": "pixel", "minimum_image_size": 32, "crop": False,
 }]
 
-# training: fp32 on the CPU (mixed_precision="auto"), a high learning rate for a model from scratch
+# training: fp32 on the CPU (mixed_precision="auto": 14.8 samples/s here vs 12.7 in bf16, 60 steps each, 2 cores),
+# and a high learning rate for a model trained from scratch
 output_dir = "output/demo"
 max_train_steps = 600
 train_batch_size = 8
