@@ -322,6 +322,7 @@ class TextCache:
         self.meta = json.loads((self.dir / "index.json").read_text())
         self.dtype = _dtype(self.meta["dtype"])
         self.emb, self.lengths, self.rows = [], [], {}  # rows: key -> (shard, row)
+        self._keys: dict[str, bytes] = {}  # caption -> key: training asks for the same captions every epoch
         for s, name in enumerate(self.meta["shards"]):
             tensors, _ = _mmap_safetensors(self.dir / name)
             self.emb.append(tensors["emb"])  # [N, L, D], memory-mapped
@@ -329,8 +330,12 @@ class TextCache:
             self.rows.update((k, (s, i)) for i, k in enumerate(_keys(tensors["keys"])))
 
     def key(self, caption: str) -> bytes:
-        m = self.meta
-        return caption_key(prepare_caption(caption, m["clean_caption"]), m["identity"], m["max_length"], self.dtype)
+        """The cache key of a raw caption, computed (preparation + hash, the heavy cleaning included) once."""
+        if caption not in self._keys:
+            m = self.meta
+            self._keys[caption] = caption_key(prepare_caption(caption, m["clean_caption"]), m["identity"],
+                                              m["max_length"], self.dtype)
+        return self._keys[caption]
 
     def missing(self, captions: list[str]) -> list[str]:
         return [c for c in dict.fromkeys(captions) if self.key(c) not in self.rows]
