@@ -212,6 +212,16 @@ def test_forward_and_grads_match_peft(dora):
         close(g, want, rtol=1e-4, scale=1e-4 * largest)
 
 
+def same_masks(model, ref):
+    """Both in training mode, each run from the same seed (so dropout draws the same masks): outputs close."""
+    model.train(), ref.train()
+    torch.manual_seed(5)
+    a = run(model)
+    torch.manual_seed(5)
+    close(a, run(ref))
+    return a
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_in_training_matches_peft(dora):
     """With dropout, peft's DoRA is W x + b + (g - 1) W xd + g s B A xd (x undropped in the base term).
@@ -225,11 +235,7 @@ def test_dropout_in_training_matches_peft(dora):
     lora.add_lora(ours, 4, alpha=6, targets=targets, dora=dora, dropout=0.3)
     peft_ref(ref, 4, 6, dora, targets, dropout=0.3)
     copy_from_peft(ours, ref)
-    ours.train(), ref.train()
-    torch.manual_seed(5)
-    a = run(ours)
-    torch.manual_seed(5)
-    close(a, run(ref))
+    a = same_masks(ours, ref)
     ours.eval()
     assert not torch.allclose(a, run(ours))  # dropout did act, and eval() turns it off:
     torch.manual_seed(6)
@@ -244,11 +250,7 @@ def test_lora_on_the_diffusers_unet_matches_peft(dora):
     lora.add_lora(theirs, 4, alpha=6, dora=dora, dropout=0.3)
     peft_ref(ref, 4, 6, dora, dropout=0.3)
     copy_from_peft(theirs, ref)
-    theirs.train(), ref.train()
-    torch.manual_seed(5)
-    a = run(theirs)
-    torch.manual_seed(5)
-    close(a, run(ref))
+    same_masks(theirs, ref)
 
 
 @pytest.mark.parametrize("dora", [False, True])
