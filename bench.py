@@ -3,14 +3,17 @@
     python bench.py                                        # CPU: the IF-I-M-sized U-Net, batch 4, 64x64
     python bench.py --device=cuda --flavour=i-xlarge-4.3b  # a GPU: the real XL config (random weights)
     python bench.py --only=lora,sample --out=bench.json
+    python bench.py --only=lora --rounds=3                 # ours and the reference alternate 3 times
     python bench.py --table=bench.json                     # print a saved (or interrupted) run's table again
 
 Every measurement runs in a fresh subprocess, so peak memory is honest. Timed parts repeat after a warm-up and
-report medians. Peak memory: on CUDA `max_memory_allocated` (absolute: weights included); on the CPU the
-peak RSS over the post-load baseline (activations, gradients, optimizer state), with glibc told to hand large
-blocks back at once so that RSS follows the live tensors. Each row has ours, the reference, and `*_ratio` =
-ours / reference. Random weights of the real configs (model.FLAVOURS): nothing is downloaded. Without
-diffusers/peft installed, only our numbers are reported.
+report medians; with --rounds=N each row runs N times, ours and the reference in turn, and reports the medians
+over rounds (on a shared machine a slow spell then slows both sides, not one). Peak memory: on CUDA
+`max_memory_allocated` (absolute: weights included); on the CPU the peak RSS over the post-load baseline
+(activations, gradients, optimizer state), with glibc told to hand large blocks back at once so that RSS follows
+the live tensors (training rows only: it makes both stacks' CPU steps about a third slower). Each row has ours,
+the reference, and `*_ratio` = ours / reference. Random weights of the real configs (model.FLAVOURS): nothing is
+downloaded. Without diffusers/peft installed, only our numbers are reported.
 """
 
 from __future__ import annotations
@@ -185,16 +188,16 @@ def case_sample(stack, flavour, batch, height, width, steps, dtype, device, repe
     return {"sample_s": statistics.median(times), "s_per_step": statistics.median(times) / steps}
 
 
-def case_t5(device, d_model=512, layers=8, captions=256, repeat=3):
-    """The text cache: bytes per caption, reading a batch of 64, and batched vs one-by-one encoding."""
+def case_t5(device, d_model=512, layers=8, heads=8, d_ff=1024, dtype="fp32", captions=256, repeat=3):
+    """The text cache: bytes per caption, reading a batch of 64, and batched vs one-by-one encoding with a
+    random T5 of the given size whose weights and arithmetic are in `dtype`."""
     import t5cache
 
     texts = [f"a photo of {i} red things on a wooden table, number {i * 7919 % 1000}" for i in range(captions)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        t5cache.make_tiny_t5(tmp / "t5", texts, d_model=d_model, layers=layers, heads=8, d_ff=2 * d_model,
-                             vocab_size=500)
-        enc = t5cache.TextEncoder(str(tmp / "t5"), device=device)
+        t5cache.make_tiny_t5(tmp / "t5", texts, d_model=d_model, layers=layers, heads=heads, d_ff=d_ff, vocab_size=500)
+        enc = t5cache.TextEncoder(str(tmp / "t5"), device=device, dtype=dtype)
         batched = _timed(lambda: enc.encode(texts[:64]), torch.device(device), 1, repeat)
         single = _timed(lambda: [enc.encode([c]) for c in texts[:16]], torch.device(device), 0, 1)
         stats = t5cache.build_cache(texts, enc, tmp / "cache", progress=False)
@@ -248,7 +251,9 @@ CASES = {"train": case_train, "sample": case_sample, "t5": case_t5, "data": case
 
 def measure(case: str, **kw) -> dict | None:
     """Run one case in a fresh interpreter; None when it failed (e.g. diffusers missing)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ)
+    if case == "train":  # peak RSS must follow live tensors; this slows both stacks' CPU steps alike
+        env |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     cmd = [sys.executable, __file__, "--_case=" + json.dumps({"case": case, **kw})]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -256,6 +261,16 @@ def measure(case: str, **kw) -> dict | None:
         print(f"  {case} {kw}: failed\n    " + "\n    ".join(proc.stderr.strip().splitlines()[-3:]), file=sys.stderr)
         return None
     return json.loads(lines[-1][7:])
+
+
+def merge(runs: list[dict | None]) -> dict | None:
+    """Several rounds of one case: the median of every number, and each round's step time."""
+    runs = [r for r in runs if r]
+    if len(runs) < 2:
+        return runs[0] if runs else None
+    out = {k: statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) else v for k, v in runs[0].items()}
+    each = {f"{k}_each": [r[k] for r in runs] for k in ("step_s", "sample_s") if k in out}
+    return {**out, "rounds": len(runs), **each}
 
 
 def plan(args: dict) -> list[tuple[str, str, dict, bool]]:
@@ -285,7 +300,10 @@ def plan(args: dict) -> list[tuple[str, str, dict, bool]]:
     rows.append(("sample", f"{fl} stage I sampling, b1, 64x64, CFG, {20 if gpu else 10} steps",
                  dict(case="sample", flavour=fl, batch=1, height=64, width=64, steps=20 if gpu else 10, dtype=dtype,
                       device=dev), True))
-    rows.append(("t5", "T5 cache (d_model 512, 8 layers)", dict(case="t5", device=dev), False))
+    t5 = dict(d_model=4096, layers=24, heads=64, d_ff=10240) if gpu else dict(d_model=512, layers=8, heads=8, d_ff=1024)
+    for t5_dtype in ("bf16",) if gpu else ("fp32", "bf16"):  # the GPU row is T5-XXL's size (random weights)
+        rows.append(("t5", f"T5 cache (d_model {t5['d_model']}, {t5['layers']} layers, {t5_dtype} encoder)",
+                     dict(case="t5", device=dev, dtype=t5_dtype, **t5), False))
     rows.append(("data", "data pipeline, 3000x2000 JPEG -> 96x64, one core", dict(case="data"), False))
     return [r for r in rows if args["only"] is None or r[0] in args["only"]]
 
@@ -323,7 +341,7 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str]) -> None:
     args = {"only": None, "flavour": "i-medium-400m", "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "out": "bench.json", "attention": "sdpa"}
+            "out": "bench.json", "attention": "sdpa", "rounds": "1"}
     if len(argv) == 1 and argv[0].startswith("--table="):  # print a saved run's table again (e.g. for the README)
         return print_table(json.loads(Path(argv[0].split("=", 1)[1]).read_text()))
     for a in argv:
@@ -338,15 +356,18 @@ def main(argv: list[str]) -> None:
         else:
             raise SystemExit(f"unknown option {a}; usage: python bench.py [CONFIG] [--only=lora,full,stage2,scaling,"
                              "sample,t5,data] [--flavour=i-medium-400m] [--device=cpu|cuda] [--attention=sdpa|xformers"
-                             "] [--out=bench.json]")
+                             "] [--rounds=1] [--out=bench.json]")
     machine = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} " \
         f"x{os.cpu_count()}"
     report = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "command": "python bench.py " + " ".join(argv), "rows": []}
     for group, name, kw, has_ref in plan(args):
         print(f"{name} ...", file=sys.stderr, flush=True)
-        ours = measure(**({**kw, "stack": "ours"} if kw["case"] in ("train", "sample") else kw))
-        ref = measure(**{**kw, "stack": "reference"}) if has_ref else None
+        runs = []  # ours and the reference alternate, so a slow spell of a shared machine hits both
+        for _ in range(int(args["rounds"])):
+            runs.append((measure(**({**kw, "stack": "ours"} if kw["case"] in ("train", "sample") else kw)),
+                         measure(**{**kw, "stack": "reference"}) if has_ref else None))
+        ours, ref = merge([o for o, _ in runs]), merge([r for _, r in runs])
         report["rows"].append({"group": group, "name": name, "ours": ours, "reference": ref, **ratios(ours or {}, ref)})
         Path(args["out"]).write_text(json.dumps(report, indent=2))
     print_table(report)

@@ -61,7 +61,7 @@ class Config:
     lora_init: Literal["default", "gaussian"] = _opt("default", "A's init: kaiming-uniform like peft, or gaussian 1/r")
     attention_mechanism: Literal["sdpa", "xformers", "math"] = _opt("sdpa", "attention kernel")
     gradient_checkpointing: bool | Literal["attention", "full"] = _opt(
-        False, "recompute in backward: True/'attention' (about +10% time) or 'full' (least memory, about +40%)"
+        False, "recompute in backward: True/'attention' (about +5% time) or 'full' (least memory, +20-50%)"
     )
     compile: bool = _opt(False, "torch.compile the U-Net")
 

@@ -4,7 +4,7 @@
 #   python train.py configs/i_xl.py --model_type=full    # every weight, pure bf16
 #
 # Everything as in i_m.py (read that file). The XL model's activations are large: checkpointing the
-# attention layers (recomputed in backward) costs about 10% more time and saves most of their memory;
+# attention layers (recomputed in backward) costs about 5% more time and saves most of their memory;
 # "full" checkpointing saves the most, for a full fine-tune.
 
 include("i_m.py")
