@@ -194,10 +194,15 @@ def model_inputs(batch: dict, sched, cfg: Config, gen: torch.Generator, rank: in
         lo, hi = cfg.noise_aug_range
         level = torch.randint(lo, hi, (B * world,), generator=gen, device=device)[mine]
         aug = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=device)[mine]
-        up = F.interpolate(batch["low_res"].to(device, torch.float32), size=x0.shape[-2:], mode="bilinear",
-                           align_corners=True)
-        x_in = torch.cat([x_t, diffusion.q_sample(sched, up, aug, level)], dim=1)
+        x_in = torch.cat([x_t, low_res_condition(sched, batch["low_res"], x0.shape[-2:], aug, level)], dim=1)
     return x0, noise, t, x_in.to(dtype).contiguous(memory_format=torch.channels_last), x_t, level
+
+
+def low_res_condition(sched, low_res: torch.Tensor, size, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Stage II's channels 3:6: the low-res image upsampled (bilinear, align_corners, as IF's pipeline) to `size`
+    and noised to `level` with the same schedule (x_level = sqrt(abar) up + sqrt(1 - abar) noise)."""
+    up = F.interpolate(low_res.to(noise.device, torch.float32), size=tuple(size), mode="bilinear", align_corners=True)
+    return diffusion.q_sample(sched, up, noise, level)
 
 
 def text_for(captions: list[str], cache, cfg: Config, rnd: random.Random, world: int, rank: int, device, dtype):
@@ -332,11 +337,8 @@ def eval_loss(unet, items: list[dict], cache, sched, cfg: Config, device, dtype)
         x_t = diffusion.q_sample(sched, x0, noise, t)
         x_in, level = x_t, None
         if cfg.stage == 2:
-            level = torch.full_like(t, cfg.noise_level)
-            up = F.interpolate(item["low_res"][None].to(device, torch.float32), size=x0.shape[-2:], mode="bilinear",
-                               align_corners=True)
-            x_in = torch.cat([x_t, diffusion.q_sample(sched, up, torch.randn(up.shape, generator=gen, device=device),
-                                                      level)], 1)
+            level, aug = torch.full_like(t, cfg.noise_level), torch.randn(x0.shape, generator=gen, device=device)
+            x_in = torch.cat([x_t, low_res_condition(sched, item["low_res"][None], x0.shape[-2:], aug, level)], 1)
         out = unet(x_in.to(dtype), t, cache.get([item["caption"]]).to(device, dtype), noise_level=level)
         losses.append(diffusion.training_losses(sched, out, x0, x_t, t, noise, loss_type=cfg.loss_type,
                                                 vlb_weight=cfg.vlb_weight).item())
