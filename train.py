@@ -528,9 +528,9 @@ class Metrics:
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n"), self.file.flush()
-        for key, value in row.items() if self.tb else ():
-            if key != "step":
-                self.tb.add_scalar(key, value, row["step"])
+        if self.tb:
+            for key in row.keys() - {"step"}:
+                self.tb.add_scalar(key, row[key], row["step"])
 
     def image(self, png: Path, step: int) -> None:
         if self.tb:
@@ -560,16 +560,16 @@ def plot_losses(metrics_path: Path, png: Path, size=(640, 360)) -> None:
     if len(pts) < 2:
         return
     k = max(1, len(pts) // 50)
-    smooth = [(pts[i][0], sum(v for _, v in pts[max(0, i - k + 1) : i + 1]) / len(pts[max(0, i - k + 1) : i + 1]))
-              for i in range(len(pts))]
+    window = [[v for _, v in pts[max(0, i - k + 1) : i + 1]] for i in range(len(pts))]
+    smooth = [(s, sum(w) / len(w)) for (s, _), w in zip(pts, window)]
     held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]  # fixed t and noise: orange dots
     (W, H), m = size, 40
     x0, x1 = min(s for s, _ in smooth + held), max(s for s, _ in smooth + held)
     lo, hi = min(v for _, v in smooth + held), max(v for _, v in smooth + held)
-    span = math.log(max(hi, 1e-12)) - math.log(max(lo, 1e-12))
+    ln = lambda v: math.log(max(v, 1e-12))
 
     def xy(s, v):  # log scale: the first steps' loss is often 100x the last
-        y = (math.log(max(v, 1e-12)) - math.log(max(lo, 1e-12))) / max(1e-12, span)
+        y = (ln(v) - ln(lo)) / max(1e-12, ln(hi) - ln(lo))
         return m + (s - x0) / max(1, x1 - x0) * (W - 2 * m), H - m - y * (H - 2 * m)
 
     img = Image.new("RGB", size, "white")
