@@ -60,16 +60,16 @@ _IF_II = dict(
     class_embed_type="timestep", time_embedding_act_fn="gelu", resnet_skip_time_act=True,
     resnet_out_scale_factor=1.4142271248762552, mid_block_scale_factor=1.4142271248762552,
 )
-FLAVOURS = {  # name -> Hub repo, stage, native resolution, unet/config.json, whether inferred
-    "i-medium-400m": dict(repo="DeepFloyd/IF-I-M-v1.0", stage=1, resolution=64, inferred=True,
+FLAVOURS = {  # name -> native resolution, unet/config.json, whether inferred (Hub repos: config.FLAVOUR_REPOS)
+    "i-medium-400m": dict(resolution=64, inferred=True,
                           config=dict(_IF_I, block_out_channels=[192, 384, 576, 768], cross_attention_dim=768)),
-    "i-large-900m": dict(repo="DeepFloyd/IF-I-L-v1.0", stage=1, resolution=64, inferred=True,
+    "i-large-900m": dict(resolution=64, inferred=True,
                          config=dict(_IF_I, block_out_channels=[320, 640, 960, 1280], cross_attention_dim=1280)),
-    "i-xlarge-4.3b": dict(repo="DeepFloyd/IF-I-XL-v1.0", stage=1, resolution=64, inferred=False,
+    "i-xlarge-4.3b": dict(resolution=64, inferred=False,
                           config=dict(_IF_I, block_out_channels=[704, 1408, 2112, 2816], cross_attention_dim=2816)),
-    "ii-medium-450m": dict(repo="DeepFloyd/IF-II-M-v1.0", stage=2, resolution=256, inferred=True,
+    "ii-medium-450m": dict(resolution=256, inferred=True,
                            config=dict(_IF_II, block_out_channels=[96, 192, 384, 576, 768], cross_attention_dim=768)),
-    "ii-large-1.2b": dict(repo="DeepFloyd/IF-II-L-v1.0", stage=2, resolution=256, inferred=False,
+    "ii-large-1.2b": dict(resolution=256, inferred=False,
                           config=dict(_IF_II, block_out_channels=[160, 320, 640, 960, 1280], cross_attention_dim=1280,
                                       time_embedding_dim=1280)),
 }
@@ -301,7 +301,7 @@ class ResnetBlock2D(nn.Module):
         return (x + h) if self.out_scale == 1 else (x + h) / self.out_scale
 
 
-def attention(q, k, v, heads: int, backend: str, bias=None):
+def attention(q, k, v, heads: int, backend: str):
     """Multi-head attention on (B, L, C) tensors; heads are contiguous C/heads-wide channel chunks."""
     B, Lq, C = q.shape
     d = C // heads
@@ -309,16 +309,12 @@ def attention(q, k, v, heads: int, backend: str, bias=None):
         import xformers.ops as xops
 
         q, k, v = (t.reshape(B, -1, heads, d) for t in (q, k, v))  # (B, L, h, d)
-        if bias is not None:  # xformers wants a (B, h, Lq, Lk) bias whose rows are 16-byte aligned
-            bias = bias.expand(B, heads, Lq, k.shape[1])
-        return xops.memory_efficient_attention(q, k, v, attn_bias=bias).reshape(B, Lq, C)
+        return xops.memory_efficient_attention(q, k, v).reshape(B, Lq, C)
     q, k, v = (t.reshape(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.scaled_dot_product_attention(q, k, v)
     else:  # "math": the readable reference, softmax in fp32
         w = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, h, Lq, Lk)
-        if bias is not None:
-            w = w + bias
         out = w.float().softmax(-1).to(v.dtype) @ v
     return out.transpose(1, 2).reshape(B, Lq, C)
 
@@ -339,7 +335,7 @@ class Attention(nn.Module):
         self.add_k_proj, self.add_v_proj = nn.Linear(text_dim, channels), nn.Linear(text_dim, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
-    def forward(self, x, text, text_bias=None):  # x (B, C, H, W), text (B, L, X)
+    def forward(self, x, text):  # x (B, C, H, W), text (B, L, X)
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.norm_cross is not None:
@@ -347,9 +343,7 @@ class Attention(nn.Module):
         k, v = self.add_k_proj(text), self.add_v_proj(text)  # (B, L, C)
         if not self.only_cross:
             k, v = torch.cat([k, self.to_k(h)], 1), torch.cat([v, self.to_v(h)], 1)  # (B, L+HW, C)
-            if text_bias is not None:
-                text_bias = F.pad(text_bias, (0, H * W))  # the image keys are never masked
-        out = self.to_out[0](attention(self.to_q(h), k, v, self.heads, self.backend, text_bias))  # (B, HW, C)
+        out = self.to_out[0](attention(self.to_q(h), k, v, self.heads, self.backend))  # (B, HW, C)
         return x + out.view(B, H, W, C).permute(0, 3, 1, 2)  # a free view: channels_last-strided
 
 
@@ -483,28 +477,29 @@ class UNet(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def layer(self, resnet, attn, h, emb, text, bias):
+    def layer(self, resnet, attn, h, emb, text):
         """One resnet and its attention. Gradient checkpointing recomputes in backward what it does not keep:
         "attention" keeps only each attention's input (the resnets already keep little, see norm_act and
         conv); "full" keeps only each layer's input, the least memory. Two CPU runs of an IF-I-M LoRA step measured
         +3% and +7% time for "attention", +18% and +52% for "full" (README, Benchmarks)."""
         mode = self.gradient_checkpointing if torch.is_grad_enabled() else False
         if mode == "full":
-            return checkpoint(self._layer, resnet, attn, h, emb, text, bias, use_reentrant=False)
+            return checkpoint(self._layer, resnet, attn, h, emb, text, use_reentrant=False)
         h = resnet(h, emb)
         if attn is None:
             return h
-        return checkpoint(attn, h, text, bias, use_reentrant=False) if mode == "attention" else attn(h, text, bias)
+        return checkpoint(attn, h, text, use_reentrant=False) if mode == "attention" else attn(h, text)
 
     @staticmethod
-    def _layer(resnet, attn, h, emb, text, bias):
+    def _layer(resnet, attn, h, emb, text):
         h = resnet(h, emb)
-        return attn(h, text, bias) if attn is not None else h
+        return attn(h, text) if attn is not None else h
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x, t, text_emb, noise_level=None, text_mask=None):
-        """x (B, in_channels, H, W); t scalar or (B,); text_emb (B, L, 4096) raw T5 states;
-        noise_level (B,) for stage II; optional text_mask (B, L) in {0, 1}. -> (B, out_channels, H, W)."""
+    def forward(self, x, t, text_emb, noise_level=None):
+        """x (B, in_channels, H, W); t scalar or (B,); text_emb (B, L, 4096) raw T5 states, every position attended
+        to (no mask, as IF's pipelines run it: all 77 tokens, padding included); noise_level (B,) for stage II.
+        -> (B, out_channels, H, W)."""
         B, _, H, W = x.shape
         f = self.downsample_factor
         if H % f or W % f:
@@ -528,26 +523,23 @@ class UNet(nn.Module):
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         text = self.encoder_hid_proj(text_emb) if hasattr(self, "encoder_hid_proj") else text_emb  # (B, L, X)
-        bias = None
-        if text_mask is not None:  # (B, L) -> additive bias (B, 1, 1, L) on the text keys
-            bias = ((1 - text_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
 
         h = self.conv_in(x)
         skips = [h]  # every down-path output, consumed in reverse by the up path
         for block in self.down_blocks:
             for resnet, attn in block.layers():
-                h = self.layer(resnet, attn, h, emb, text, bias)
+                h = self.layer(resnet, attn, h, emb, text)
                 skips.append(h)
             if block.resampler() is not None:
-                h = self.layer(block.resampler(), None, h, emb, text, bias)
+                h = self.layer(block.resampler(), None, h, emb, text)
                 skips.append(h)
         for resnet, attn in self.mid_block.layers():
-            h = self.layer(resnet, attn, h, emb, text, bias)
+            h = self.layer(resnet, attn, h, emb, text)
         for block in self.up_blocks:
             for resnet, attn in block.layers():
-                h = self.layer(resnet, attn, torch.cat([h, skips.pop()], 1), emb, text, bias)
+                h = self.layer(resnet, attn, torch.cat([h, skips.pop()], 1), emb, text)
             if block.resampler() is not None:
-                h = self.layer(block.resampler(), None, h, emb, text, bias)
+                h = self.layer(block.resampler(), None, h, emb, text)
         h = norm_act(self.conv_norm_out, self.conv_act, h)
         return conv(self.conv_out, h)
 

@@ -71,18 +71,30 @@ def test_parity_with_diffusers(name, backend, tmp_path):
     close(expected, got)
 
 
-def test_scalar_timestep_and_text_mask(tmp_path):
+def test_scalar_timestep(tmp_path):
+    """A scalar timestep (int or 0-d tensor) is every sample's; no text mask is taken, as IF's pipelines pass none."""
     ref, ours = pair(STAGE_I, tmp_path)
     x, _, text, _ = inputs(STAGE_I, batch=3, h=24, w=16)
-    mask = torch.ones(3, 7)
-    mask[0, 4:] = 0
-    mask[2, 1:] = 0
     with torch.no_grad():
-        expected = ref(x, 250, text, encoder_attention_mask=mask).sample
-        got = ours(x, 250, text, text_mask=mask)
-        unmasked = ours(x, torch.tensor(250), text)
+        expected = ref(x, 250, text).sample
+        got = ours(x, 250, text)
+        # the same computation after the scalar is expanded to the batch, hence bit for bit
+        assert torch.equal(ours(x, torch.tensor(250), text), got)
+        assert torch.equal(ours(x, torch.full((3,), 250), text), got)
     close(expected, got)
-    assert (got - unmasked).abs().max() > 1e-3  # the mask really changed something
+    with pytest.raises(TypeError, match="text_mask"):
+        ours(x, 250, text, text_mask=torch.ones(3, 7))
+
+
+def test_flavours_agree_with_config():
+    """model.FLAVOURS holds the architectures; the names, Hub repos and stages are config.py's."""
+    import config
+
+    assert set(FLAVOURS) == set(config.FLAVOUR_REPOS)
+    for name, flavour in FLAVOURS.items():
+        assert set(flavour) == {"config", "resolution", "inferred"}, name  # nothing that config.py already says
+        stage = config.Config(model_flavour=name).stage
+        assert flavour["config"]["in_channels"] == {1: 3, 2: 6}[stage], name
 
 
 def test_our_save_pretrained_loads_in_diffusers(tmp_path):
