@@ -4,6 +4,7 @@
     params += mark_bitfit(unet)                               # optionally train every bias as well
     ...                                                       # train `params`
     save_lora(unet, "out/pytorch_lora_weights.safetensors")  # loads with diffusers' pipe.load_lora_weights(...)
+    save_lora(unet, path, biases=True)                        # with the trained biases (a second file, see Files)
     load_lora(unet, "a_lora_from_elsewhere.safetensors")     # ours, peft/diffusers, old and mixed forms
     merge_lora(unet)                                          # fold into the base weights, e.g. to export
 
@@ -34,6 +35,19 @@ Files: safetensors with `unet.<module>.lora_A.weight` [r, in] (conv [r, in, kh, 
 the keys peft and diffusers write. The safetensors metadata entry "lora_adapter_metadata" is the JSON that diffusers
 passes to peft's LoraConfig (keys "unet.r", "unet.lora_alpha", "unet.target_modules", "unet.use_dora", ...), so a
 non-default alpha survives `pipe.load_lora_weights(path)` and `unet.load_lora_adapter(path, prefix="unet")`.
+load_lora skips `text_encoder.*` keys (diffusers writes them when T5 was trained too), with a warning: LoRAs apply to
+the U-Net only here.
+
+Trained biases (bitfit) are written as `unet.<parameter name>` (`unet.down_blocks.0.resnets.0.conv1.bias`), plain
+diffusers parameter names, in a file whose metadata has "bitfit": "true". Next to a LoRA that is a second file,
+`bitfit_biases.safetensors` in the same folder (so one such LoRA per folder), which the LoRA file's metadata entry
+"bitfit_biases" names and load_lora reads with it; without a LoRA (bitfit alone) it is the file itself. They cannot
+share a file with a LoRA that diffusers reads (0.42): `pipe.load_lora_weights` refuses any key without "lora" in it
+("Invalid LoRA checkpoint"), and `unet.load_lora_adapter(path, prefix="unet")` silently copies the biases of layers
+without a LoRA and drops those of layers with one (peft has renamed them `base_layer.bias`). In diffusers, apply the
+biases first, then the LoRA (`pipe.load_lora_weights(folder)` picks `pytorch_lora_weights.safetensors` of the two):
+
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in load_file(biases_file).items()}, strict=False)
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +65,10 @@ from torch import nn
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")  # the whole attention path
 METADATA_KEY = "lora_adapter_metadata"  # the safetensors metadata entry diffusers turns into a peft LoraConfig
+BIASES_KEY = "bitfit_biases"  # a LoRA file's metadata entry naming the file of its trained biases (same folder)
+BIASES_FILE = "bitfit_biases.safetensors"  # that file, as save_lora writes it
+BITFIT_KEY = "bitfit"  # "true" in the metadata of a file that holds trained biases
+IGNORED_PREFIX = "text_encoder."  # another component's LoRA keys in a pipeline's file; skipped with a warning
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -208,9 +227,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=DE
     return params
 
 
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
 def mark_bitfit(model: nn.Module) -> list[nn.Parameter]:
     """Make every bias of `model` trainable (BitFit, Ben Zaken et al. 2022), norm layers' included; returns them."""
-    params = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    params = [p for n, p in model.named_parameters() if _is_bias(n)]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -263,30 +286,52 @@ def lora_state_dict(model: nn.Module, name: str = "default", prefix: str = "unet
     return out
 
 
-def save_lora(model: nn.Module, path: str | Path, metadata: dict | None = None, name: str = "default") -> None:
-    """Write LoRA `name` as safetensors that diffusers loads with the right alpha; `metadata` adds entries."""
+def save_lora(model: nn.Module, path: str | Path, metadata: dict | None = None, name: str = "default",
+              biases: bool = False) -> None:
+    """Write LoRA `name` as safetensors that diffusers loads with the right alpha; `metadata` adds entries.
+
+    biases=True also writes the trained biases, every `.bias` parameter that requires grad (what mark_bitfit
+    marked): into BIASES_FILE next to `path`, or into `path` itself when the model has no LoRA named `name`
+    (bitfit alone). See the module docstring for why, and for what diffusers reads."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     layers = {n: m for n, m in _lora_layers(model).items() if name in m.lora_A}
-    if not layers:
-        raise ValueError(f"the model has no LoRA named {name!r} to save")
-    ranks = {n: m.lora_A[name].shape[0] for n, m in layers.items()}
-    alphas = {n: m.lora_alpha[name] for n, m in layers.items()}
-    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-    config = {  # peft LoraConfig fields; per-module outliers as "^name" patterns, the form diffusers writes
-        "r": r, "lora_alpha": alpha, "target_modules": sorted(layers),
-        "rank_pattern": {f"^{n}": v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {f"^{n}": v for n, v in alphas.items() if v != alpha},
-        "lora_dropout": Counter(m.lora_dropout[name] for m in layers.values()).most_common(1)[0][0],
-        "use_dora": any(name in m.lora_magnitude for m in layers.values()),
-    }
-    meta = {"format": "pt", METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)}
+    trained = {f"unet.{n}": p.detach().contiguous() for n, p in model.named_parameters()
+               if biases and _is_bias(n) and p.requires_grad}
+    if biases and not trained:
+        raise ValueError("save_lora(biases=True): no bias of the model requires grad; mark_bitfit(model) makes them "
+                         "trainable, and save_lora writes those")
+    if not layers and not biases:
+        raise ValueError(f"the model has no LoRA named {name!r} to save (biases=True saves trained biases alone)")
+    if layers and biases and path.name == BIASES_FILE:
+        raise ValueError(f"{path}: {BIASES_FILE} is the name of the biases file written next to the LoRA; "
+                         f"give the LoRA file another name")
+    meta = {"format": "pt"}
+    if layers:
+        ranks = {n: m.lora_A[name].shape[0] for n, m in layers.items()}
+        alphas = {n: m.lora_alpha[name] for n, m in layers.items()}
+        r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+        config = {  # peft LoraConfig fields; per-module outliers as "^name" patterns, the form diffusers writes
+            "r": r, "lora_alpha": alpha, "target_modules": sorted(layers),
+            "rank_pattern": {f"^{n}": v for n, v in ranks.items() if v != r},
+            "alpha_pattern": {f"^{n}": v for n, v in alphas.items() if v != alpha},
+            "lora_dropout": Counter(m.lora_dropout[name] for m in layers.values()).most_common(1)[0][0],
+            "use_dora": any(name in m.lora_magnitude for m in layers.values()),
+        }
+        meta[METADATA_KEY] = json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)
+    if trained and layers:
+        meta[BIASES_KEY] = BIASES_FILE
+    elif trained:
+        meta[BITFIT_KEY] = "true"
     for k, v in (metadata or {}).items():
-        if k in meta:
+        if k in ("format", METADATA_KEY, BIASES_KEY, BITFIT_KEY):
             raise ValueError(f"metadata key {k!r} is reserved for the LoRA's own description")
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model, name), str(path), metadata=meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layers and trained:  # written first: a LoRA file never names a biases file that is not there
+        save_file(trained, str(path.parent / BIASES_FILE), metadata={"format": "pt", BITFIT_KEY: "true"})
+    save_file(lora_state_dict(model, name) if layers else trained, str(path), metadata=meta)
 
 
 def read_lora_metadata(path: str | Path) -> dict:
@@ -309,6 +354,7 @@ _KEY_FORMS = (
     ("_lora.down.weight", "A"), ("_lora.up.weight", "B"),  # attention processors: processor.to_q_lora.down.weight
     (".lora_magnitude_vector", "m"), (".lora_magnitude_vector.weight", "m"),  # DoRA
     (".alpha", "alpha"),  # a network alpha (kohya, old diffusers); else metadata, else alpha = r
+    (".bias", "bias"),  # a trained bias (bitfit), copied into the model
 )
 
 
@@ -323,20 +369,48 @@ def _parse_key(key: str) -> tuple[str | None, str | None]:
 
 
 def load_lora(model: nn.Module, path: str | Path, name: str = "default", scale: float = 1.0) -> list[nn.Parameter]:
-    """Add the LoRA in file `path` to `model` as adapter `name`; ranks come from shapes, alphas from the file.
+    """Add the LoRA in file `path` to `model` as adapter `name`; ranks come from shapes, alphas from the file. Trained
+    biases (in the file, or in the biases file its metadata names) are copied into the model's own parameters.
 
-    Returns its parameters, frozen (set requires_grad to train them further). Any key that is unknown, names no
-    Linear/Conv2d of `model`, or has the wrong shape is an error listing all of them; then nothing is loaded."""
+    Returns the LoRA's parameters, then those biases, all frozen (set requires_grad to train them further).
+    `text_encoder.*` keys are skipped with a warning. Any other key that is unknown, names no Linear/Conv2d (for a
+    bias: no parameter) of `model`, or has the wrong shape is an error listing all of them; then nothing is loaded."""
     from safetensors.torch import load_file
 
-    tensors, meta = load_file(str(path)), read_lora_metadata(path).get(METADATA_KEY) or {}
+    path = Path(path)
+    file_meta = read_lora_metadata(path)
+    tensors, meta = load_file(str(path)), file_meta.get(METADATA_KEY) or {}
+    problems = []
+    if BIASES_KEY in file_meta:
+        biases_file = path.parent / file_meta[BIASES_KEY]
+        if not biases_file.is_file():
+            raise FileNotFoundError(f"{path} was saved with its trained biases in {biases_file.name} next to it, which "
+                                    f"is missing: put that file in {path.parent} (without it this is not the trained "
+                                    f"model)")
+        extra = load_file(str(biases_file))
+        problems += [f"{k}: in both {path.name} and {biases_file.name}" for k in sorted(set(extra) & set(tensors))]
+        tensors = {**tensors, **extra}
+    skipped = [k for k in tensors if k.startswith(IGNORED_PREFIX)]
+    tensors = {k: t for k, t in tensors.items() if not k.startswith(IGNORED_PREFIX)}
     if any(k.startswith("unet.") for k in meta):
         meta = {k.removeprefix("unet."): v for k, v in meta.items() if k.startswith("unet.")}
-    modules, entries, problems = dict(model.named_modules()), {}, []
+    modules, parameters, entries, biases = dict(model.named_modules()), dict(model.named_parameters()), {}, {}
     for key, t in tensors.items():
         module_name, kind = _parse_key(key)
         if kind is None:
             problems.append(f"{key}: not a LoRA key form this loader knows")
+            continue
+        if kind == "bias":
+            bias = parameters.get(f"{module_name}.bias")
+            if bias is None:
+                problems.append(f"{key}: the model has no parameter named {module_name}.bias")
+            elif t.shape != bias.shape:
+                problems.append(f"{key}: shape {list(t.shape)} does not fit {module_name}.bias, which is "
+                                f"{list(bias.shape)}")
+            elif module_name in biases:
+                problems.append(f"{key}: a second tensor for {module_name}.bias")
+            else:
+                biases[module_name] = (bias, t)
             continue
         found = [c for c in (module_name, module_name + ".0") if isinstance(modules.get(c), (nn.Linear, nn.Conv2d))]
         if not found:  # ("to_out" in old files is diffusers' "to_out.0")
@@ -371,6 +445,8 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default", scale: 
         if meta.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r)
             alpha *= math.sqrt(r)
         loaded[module_name] = (A, B, m, alpha)
+    if not problems and not loaded and not biases:
+        problems.append(f"no U-Net LoRA or bias in the file ({len(skipped)} {IGNORED_PREFIX}* keys skipped)")
     if problems:
         raise ValueError(f"cannot load LoRA {path} into this model (nothing was loaded):\n  " + "\n  ".join(problems))
     _check_name(name, {n: modules[n] for n in loaded})
@@ -380,6 +456,13 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default", scale: 
         A, B, m = (None if t is None else t.to(w.device, w.dtype) for t in (A, B, m))
         params += _add_adapter(modules[module_name], name, A, B, alpha, meta.get("lora_dropout") or 0.0, magnitude=m)
         modules[module_name].lora_scale[name] = float(scale)
+    with torch.no_grad():
+        for bias, t in biases.values():
+            bias.copy_(t)
+            params.append(bias)
     for p in params:
         p.requires_grad_(False)
+    if skipped:
+        warnings.warn(f"{path}: ignored {len(skipped)} {IGNORED_PREFIX}* keys: this loader applies LoRAs to the "
+                      f"U-Net only", stacklevel=2)
     return params

@@ -53,9 +53,10 @@ def seed():
 
 @functools.cache
 def _templates():
-    torch.manual_seed(0)
-    # frozen, because diffusers' own output moves by ~1e-6 when its weights require grad
-    ref = diffusers.UNet2DConditionModel(**CONFIG).eval().requires_grad_(False)
+    with torch.random.fork_rng():  # whichever test builds these first, its own draws start from seed() as in the others
+        torch.manual_seed(0)
+        # frozen, because diffusers' own output moves by ~1e-6 when its weights require grad
+        ref = diffusers.UNet2DConditionModel(**CONFIG).eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
         ours = UNet.from_pretrained(folder, subfolder=None).requires_grad_(False)
@@ -79,10 +80,13 @@ def inputs(seed=1):
     return torch.randn(2, 3, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 24, generator=g)
 
 
-def run(unet, grad=False, x=None):
-    """One forward on fixed inputs, for either U-Net: ours takes (x, t, text), diffusers' returns `.sample`."""
+def run(unet, grad=False, x=None, dtype=None):
+    """One forward on fixed inputs (in `dtype`, default x's), for either U-Net: ours takes (x, t, text), diffusers'
+    returns `.sample`."""
     x0, t, text = inputs()
     x = x0 if x is None else x
+    x = x if dtype is None else x.to(dtype)
+    text = text.to(x.dtype)
     with torch.set_grad_enabled(grad):
         if isinstance(unet, UNet):
             return unet(x, t, text)
@@ -113,6 +117,17 @@ def copy_from_peft(ours, ref):
             layer.lora_B["default"].copy_(p.lora_B["default"].weight)
             if "default" in layer.lora_magnitude:
                 layer.lora_magnitude["default"].copy_(p.lora_magnitude_vector["default"].weight.reshape(-1))
+
+
+def load_trainable(model, path):
+    """load_lora, with the loaded parameters made trainable like those of add_lora and mark_bitfit. A round trip is
+    bit-exact only between models whose parameters agree in requires_grad too: for a non-contiguous 3D input (the
+    attention's (B, HW, C) view) PyTorch's CPU matmul folds the batch into one GEMM when the weight requires grad and
+    runs a batched GEMM when it does not, and the two round differently on some CPUs (by ~1e-6)."""
+    params = lora.load_lora(model, path)
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def close(a, b, rtol=1e-5, scale=0.0):
@@ -303,7 +318,7 @@ def test_our_file_loads_in_diffusers(tmp_path, dora, via):
     cfg = meta[lora.METADATA_KEY]
     assert (cfg["unet.r"], cfg["unet.lora_alpha"], cfg["unet.use_dora"]) == (4, 6, dora)
     fresh = our_unet()  # and back into ours, bit for bit
-    lora.load_lora(fresh, path)
+    load_trainable(fresh, path)
     assert torch.equal(run(fresh), want)
 
 
@@ -396,7 +411,9 @@ def test_per_module_rank_and_alpha_survive_into_diffusers(tmp_path):
     assert mixed.mid_block.attentions[0].to_k.lora_alpha == {"default": 6.0}
     lora.save_lora(mixed, tmp_path / "c.safetensors")  # rank_pattern / alpha_pattern for the odd one out
     ref.load_lora_adapter(str(tmp_path / "c.safetensors"), prefix="unet", use_safetensors=True)
-    close(run(ref), run(mixed))
+    # In float64, where the two agree to ~1e-14: the rank-2 update is ~20x its base weight, and with it each U-Net's
+    # fp32 output is 1e-5 to 2e-5 (relative) from the float64 one, by its kernels' rounding on the CPU at hand.
+    close(run(ref.double(), dtype=torch.float64), run(mixed.double(), dtype=torch.float64), rtol=1e-12)
 
 
 def test_bad_files_list_every_problem(tmp_path):
@@ -449,7 +466,7 @@ def test_extra_metadata_and_other_components_are_ignored(tmp_path):
         meta = {"format": "pt", "modelspec.title": "a", "ss_network_alpha": "1", lora.METADATA_KEY: json.dumps(config)}
         save_file(sd, tmp_path / "b.safetensors", metadata=meta)
         fresh = our_unet()
-        lora.load_lora(fresh, tmp_path / "b.safetensors")
+        load_trainable(fresh, tmp_path / "b.safetensors")
         assert fresh.mid_block.attentions[0].to_q.lora_alpha == {"default": 6.0}
         assert torch.equal(run(fresh), want)
 
@@ -501,3 +518,154 @@ def test_bf16_and_compile():
     torch.testing.assert_close(got_img.float(), want_img, rtol=3e-2, atol=3e-2)
     got.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params[:3])
+
+
+def test_text_encoder_keys_are_skipped_with_a_warning(tmp_path):
+    """A pipeline file that also holds a T5 LoRA (diffusers writes `text_encoder.*` keys when the text encoder was
+    trained too): the U-Net part loads and the skipped keys are named; any other unknown prefix stays an error."""
+    from safetensors.torch import load_file, save_file
+
+    ours = our_unet()
+    perturb(lora.add_lora(ours, 4))  # alpha = rank: the file below carries no alpha
+    want = run(ours)
+    unet_layers = {k.removeprefix("unet."): v for k, v in lora.lora_state_dict(ours).items()}
+    g = torch.Generator().manual_seed(3)
+    t5 = {f"encoder.block.{i}.layer.0.SelfAttention.{p}.lora_{ab}.weight": torch.randn(4, 4, generator=g)
+          for i in range(2) for p in ("q", "v") for ab in "AB"}
+    diffusers.IFPipeline.save_lora_weights(tmp_path, unet_lora_layers=unet_layers, text_encoder_lora_layers=t5)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    assert sum(k.startswith("text_encoder.") for k in load_file(path)) == 8
+    fresh = our_unet()
+    with pytest.warns(UserWarning, match=r"ignored 8 text_encoder\.\* keys: this loader applies LoRAs to the U-Net"):
+        load_trainable(fresh, path)
+    assert torch.equal(run(fresh), want)
+    other = {f"text_encoder_2.{k}": v for k, v in t5.items()}  # (SDXL's second text encoder: not IF's)
+    save_file({**load_file(path), **other}, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="text_encoder_2.encoder.block.0"):
+        lora.load_lora(our_unet(), tmp_path / "b.safetensors")
+
+
+def _trained_biases(model, seed=4):
+    """Mark every bias trainable and move it off its initial value; returns {name: bias}."""
+    lora.mark_bitfit(model)
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    perturb(biases.values(), seed)
+    return biases
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_with_biases_round_trip(tmp_path, dora):
+    """save_lora(biases=True): the LoRA file stays one that diffusers takes (LoRA keys only), the trained biases go
+    next to it under their diffusers names, and load_lora brings back the same model, bit for bit."""
+    from safetensors.torch import load_file
+
+    ours = our_unet()
+    perturb(lora.add_lora(ours, 4, alpha=6, targets=lora.DEFAULT_TARGETS + EXTRA, dora=dora))
+    biases = _trained_biases(ours)
+    want = run(ours)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.save_lora(ours, path, metadata={"stage": "1"}, biases=True)
+    assert all(".lora_" in k for k in load_file(path))
+    meta = lora.read_lora_metadata(path)
+    assert (meta[lora.BIASES_KEY], meta["stage"]) == (lora.BIASES_FILE, "1")
+    side = load_file(tmp_path / lora.BIASES_FILE)
+    assert side.keys() == {f"unet.{n}" for n in biases} and "unet.down_blocks.0.resnets.0.conv1.bias" in side
+    assert lora.read_lora_metadata(tmp_path / lora.BIASES_FILE)[lora.BITFIT_KEY] == "true"
+    fresh = our_unet()
+    before = {n: p for n, p in fresh.named_parameters() if n in biases}
+    params = lora.load_lora(fresh, path)
+    n_lora = (3 if dora else 2) * (6 * N_ATTN + N_RESNET + 1)
+    assert len(params) == n_lora + len(biases) and not any(p.requires_grad for p in params)
+    assert {id(p) for p in params[n_lora:]} == {id(p) for p in before.values()}  # copied into the model's own
+    for p in params:  # requires_grad as in training on both sides (see load_trainable)
+        p.requires_grad_(True)
+    assert torch.equal(run(fresh), want)
+    (tmp_path / lora.BIASES_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{lora.BIASES_FILE} next to it, which is missing"):
+        lora.load_lora(our_unet(), path)
+
+
+def test_biases_only_round_trip(tmp_path):
+    """bitfit without a LoRA: the biases are the file itself; load_lora reads it like a LoRA file."""
+    from safetensors.torch import load_file
+
+    ours = our_unet()
+    with pytest.raises(ValueError, match="mark_bitfit"):  # nothing trained: say so instead of writing nothing
+        lora.save_lora(ours, tmp_path / "none.safetensors", biases=True)
+    biases = _trained_biases(ours)
+    want = run(ours)
+    path = tmp_path / "biases.safetensors"
+    lora.save_lora(ours, path, metadata={"stage": "1"}, biases=True)
+    assert load_file(path).keys() == {f"unet.{n}" for n in biases} and not (tmp_path / lora.BIASES_FILE).exists()
+    meta = lora.read_lora_metadata(path)
+    assert (meta[lora.BITFIT_KEY], meta["stage"]) == ("true", "1") and lora.METADATA_KEY not in meta
+    fresh = our_unet()
+    assert not torch.equal(run(fresh), want)
+    params = load_trainable(fresh, path)
+    assert len(params) == len(biases) and not lora._lora_layers(fresh)
+    assert torch.equal(run(fresh), want)
+
+
+def test_bad_bias_keys_list_every_problem(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ours = our_unet()
+    lora.add_lora(ours, 4)
+    _trained_biases(ours)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.save_lora(ours, path, biases=True)
+    side = load_file(tmp_path / lora.BIASES_FILE)
+    side["unet.mid_block.attentions.0.to_q.bias"] = torch.zeros(31)  # the model's is [32]
+    side["unet.down_blocks.7.resnets.0.conv1.bias"] = torch.zeros(16)  # no such parameter
+    side["unet.mid_block.attentions.0.to_k.lora_B.bias"] = torch.zeros(32)  # peft's lora_bias: not supported here
+    save_file(side, tmp_path / lora.BIASES_FILE)
+    fresh, plain = our_unet(), our_unet()
+    with pytest.raises(ValueError) as err:
+        lora.load_lora(fresh, path)
+    for key in ("to_q.bias: shape [31] does not fit", "no parameter named down_blocks.7.resnets.0.conv1.bias",
+                "to_k.lora_B.bias"):
+        assert key in str(err.value)
+    assert not lora._lora_layers(fresh)  # nothing half-loaded: no LoRA, and every bias as it was
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), plain.parameters()))
+
+
+@pytest.mark.parametrize("via", ["pipeline", "unet"])
+def test_lora_with_biases_in_diffusers(tmp_path, via):
+    """What diffusers does with our LoRA + biases: it loads the LoRA file as usual, the biases file next to it in
+    the way, and UNet2DConditionModel.load_state_dict(strict=False) applies the biases (before the LoRA: peft renames
+    a wrapped layer's bias to base_layer.bias). The same output as ours, within the two U-Nets' fp32 agreement (see
+    the module docstring). In one file with the LoRA, pipe.load_lora_weights would refuse the biases and
+    load_lora_adapter would silently take only those of the layers without a LoRA: hence the second file."""
+    from safetensors.torch import load_file, save_file
+
+    ours, ref = make_unets()
+    perturb(lora.add_lora(ours, 4, alpha=6, targets=lora.DEFAULT_TARGETS + EXTRA))
+    lora_only = copy.deepcopy(ours)
+    _trained_biases(ours)
+    want = run(ours)
+    assert (run(lora_only) - want).abs().max() > 0.1 * want.abs().max()  # the biases matter
+    lora.save_lora(ours, tmp_path / "pytorch_lora_weights.safetensors", biases=True)
+    side = load_file(tmp_path / lora.BIASES_FILE)
+    result = ref.load_state_dict({k.removeprefix("unet."): v for k, v in side.items()}, strict=False)
+    assert not result.unexpected_keys and not any(k.endswith(".bias") for k in result.missing_keys)
+    pipe = diffusers.IFPipeline(tokenizer=None, text_encoder=None, unet=ref, scheduler=diffusers.DDPMScheduler(),
+                                safety_checker=None, feature_extractor=None, watermarker=None,
+                                requires_safety_checker=False)
+    if via == "pipeline":
+        pipe.load_lora_weights(tmp_path)  # the folder: diffusers picks pytorch_lora_weights.safetensors
+    else:
+        ref.load_lora_adapter(str(tmp_path / "pytorch_lora_weights.safetensors"), prefix="unet", use_safetensors=True)
+    assert sum(".lora_A." in n for n, _ in ref.named_parameters()) == 6 * N_ATTN + N_RESNET + 1
+    close(run(ref), want)
+    one = tmp_path / "one"
+    one.mkdir()
+    save_file({**load_file(tmp_path / "pytorch_lora_weights.safetensors"), **side},
+              one / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+        pipe.load_lora_weights(one)
+    before, partial = dict(make_unets()[1].named_parameters()), make_unets()[1]  # and load_lora_adapter half-loads it:
+    partial.load_lora_adapter(str(one / "pytorch_lora_weights.safetensors"), prefix="unet", use_safetensors=True)
+    biases = {n.replace(".base_layer.", "."): p for n, p in partial.named_parameters() if n.endswith(".bias")}
+    wrapped = {n.replace(".base_layer.", ".") for n, _ in partial.named_parameters() if n.endswith(".base_layer.bias")}
+    moved = {n for n, p in biases.items() if not torch.equal(p, before[n])}
+    assert wrapped and moved == {k.removeprefix("unet.") for k in side} - wrapped  # the LoRA layers' biases dropped
