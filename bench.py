@@ -94,13 +94,13 @@ def _unets(stack: str, flavour: str, device, dtype, tmp: Path | None = None):
 
 def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, attention, rank=32, repeat=3):
     """One optimizer step: forward, the hybrid loss, backward, AdamW."""
+    import config
     import diffusion
     import lora
-    import model
     import train
 
     device, dtype = torch.device(device), getattr(torch, dtype)
-    unet, stage = _unets(stack, flavour, device, dtype), model.FLAVOURS[flavour]["stage"]
+    unet, stage = _unets(stack, flavour, device, dtype), config.Config(model_flavour=flavour).stage
     if stack == "ours":
         params = lora.add_lora(unet, rank, rank) if mode == "lora" else list(unet.parameters())
         unet.gradient_checkpointing, _ = ckpt, unet.set_attention_backend(attention)
@@ -178,7 +178,7 @@ def case_sample(stack, flavour, batch, height, width, steps, dtype, device, repe
 
         pipe = IFPipeline(tokenizer=None, text_encoder=None, unet=unet, safety_checker=None, feature_extractor=None,
                           watermarker=None, requires_safety_checker=False,
-                          scheduler=DDPMScheduler.from_config(diffusion.IF_SCHEDULER_CONFIG))
+                          scheduler=DDPMScheduler.from_config(diffusion.scheduler_config(1)))
         pipe.set_progress_bar_config(disable=True)
         run = lambda: pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=height, width=width,
                            num_inference_steps=steps, output_type="pt",

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-# The five published IF U-Nets, by the names SimpleTuner's guide uses. Their architectures live in
-# model.FLAVOURS; here we only need the name -> (Hub repo, stage) map, so config.py imports nothing.
+# The five published IF U-Nets, by the names SimpleTuner's guide uses, and their Hub repos: the one list of them.
+# Their architectures live in model.FLAVOURS under the same names (a test keeps the two in step); config.py imports
+# none of the repo's files. A name starting with "ii-" is a stage II U-Net (Config.stage).
 FLAVOUR_REPOS = {
     "i-medium-400m": "DeepFloyd/IF-I-M-v1.0",
     "i-large-900m": "DeepFloyd/IF-I-L-v1.0",
@@ -34,7 +35,31 @@ FLAVOUR_REPOS = {
     "ii-medium-450m": "DeepFloyd/IF-II-M-v1.0",
     "ii-large-1.2b": "DeepFloyd/IF-II-L-v1.0",
 }
-Flavour = Literal["i-medium-400m", "i-large-900m", "i-xlarge-4.3b", "ii-medium-450m", "ii-large-1.2b"]
+Flavour = Literal[tuple(FLAVOUR_REPOS)]
+
+
+def stage_of(unet_config: dict) -> int:
+    """1 or 2 from a unet/config.json dict: stage II's U-Net reads 6 channels (its noisy image + the upsampled
+    low-res image), stage I's 3."""
+    return 2 if unet_config.get("in_channels", 3) == 6 else 1
+
+
+def torch_dtype(name, device=None):
+    """A precision option ("bf16", "fp32", "fp16" or their torch names, a torch.dtype) -> the torch dtype. "auto" or
+    None: bf16 where `device` computes it natively (a CUDA GPU with bf16 support: Ampere or newer), else fp32, the
+    more precise choice on the CPU and on older GPUs (fp16 is never chosen: T5 overflows in it)."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        cuda = torch.device(device or "cpu").type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if str(name).removeprefix("torch.") not in names:
+        raise ValueError(f"unknown precision {name!r}: use 'auto', 'bf16' or 'fp32'")
+    return names[str(name).removeprefix("torch.")]
 
 
 def _opt(default, doc: str):
@@ -67,7 +92,7 @@ class Config:
 
     # ---- precision -------------------------------------------------------------------------
     mixed_precision: Literal["auto", "bf16", "fp32"] = _opt(
-        "auto", "bf16: pure bf16 weights/grads/states, stochastic rounding; auto: bf16 on CUDA, fp32 on CPU"
+        "auto", "bf16: pure bf16 weights/grads/states, stochastic rounding; auto: bf16 on GPUs that have it, else fp32"
     )
     fp32_master: bool = _opt(False, "with bf16: keep fp32 master weights and optimizer states (for comparison)")
 
@@ -130,13 +155,16 @@ class Config:
     validation_prompt: str | None = _opt(None, "one validation prompt (SimpleTuner's name)")
     validation_prompts: list = _opt([], "validation prompts, one grid row each")
     validation_negative_prompt: str = _opt("", "negative prompt for validation")
-    validation_resolution: str = _opt("64", "comma list of sizes, e.g. '64,96,64x96,96x64' (WxH)")
+    validation_resolution: str | None = _opt(
+        None, "comma list of output sizes, e.g. '64,96,64x96,96x64' (WxH); None: the first dataset's resolution"
+    )
     validation_steps: int = _opt(100, "make validation grids every this many steps (0: never)")
     validation_num_inference_steps: int = _opt(50, "sampler steps for validation images")
-    validation_guidance: float = _opt(7.0, "classifier-free guidance for validation images")
+    validation_guidance: float | None = _opt(None, "classifier-free guidance for validation (None: the stage's, 7 / 4)")
+    validation_noise_level: int | None = _opt(None, "stage II validation: the low-res input's noise level (None: 250)")
     validation_seed: int = _opt(0, "fixed seed so grids are comparable across steps")
-    num_eval_images: int = _opt(4, "stage II: dataset images upscaled at each validation")
-    validation_loss_images: int = _opt(0, "held-out loss on this many images at fixed timesteps and noise (0: off)")
+    num_eval_images: int = _opt(4, "stage II validation: upscale this many dataset images (held-out ones first)")
+    validation_loss_images: int = _opt(0, "hold this many images out of training; their loss at fixed noise (0: off)")
 
     # ---- sampling (sample.py) --------------------------------------------------------------
     prompt: str | None = _opt(None, "sample.py: the prompt")
@@ -155,14 +183,14 @@ class Config:
     resolution: str = _opt("64", "sample.py: stage I size, 'S' or 'WxH'")
     stage2_steps: int = _opt(50, "sample.py: stage II sampler steps")
     stage2_guidance: float = _opt(4.0, "sample.py: stage II classifier-free guidance")
-    noise_level: int = _opt(250, "stage II: augmentation level of the low-res input when sampling")
+    noise_level: int = _opt(250, "sample.py: stage II's augmentation level of the low-res input")
 
     # ------------------------------------------------------------------------------------------
     @property
     def stage(self) -> int:
         """1 or 2: from `unet_config` (6 input channels = stage II) or else the flavour's name."""
         if self.unet_config is not None:
-            return 2 if self.unet_config.get("in_channels", 3) == 6 else 1
+            return stage_of(self.unet_config)
         return 2 if self.model_flavour.startswith("ii-") else 1
 
     @property

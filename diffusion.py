@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # IF's named respacings: steps taken from each of N equal sections of [0, 1000) (deep-floyd/IF
 # modules/base.py), expanded by `space_timesteps`. smart* are for stages I and II, super* for III.
@@ -41,14 +42,27 @@ IF_RESPACINGS = {
 # the schedule
 
 
-# The scheduler_config.json IF ships (diffusers' DDPMScheduler keys); sample_max_value is 1.5 for stage I and
-# 1.0 for stage II. Written beside a fine-tuned unet/ so the folder samples as IF does.
+# The scheduler_config.json IF ships (diffusers' DDPMScheduler keys), less what differs by stage and training:
+# scheduler_config(stage, variance) gives a stage's whole config. Written beside a fine-tuned unet/ so the folder
+# samples as IF does, and used for weights that come without one.
 IF_SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
     "beta_start": 0.0001, "beta_end": 0.02, "variance_type": "learned_range", "prediction_type": "epsilon",
-    "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5, "clip_sample": True,
+    "thresholding": True, "dynamic_thresholding_ratio": 0.95, "clip_sample": True,
     "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0,
 }
+IF_SAMPLE_MAX = {1: 1.5, 2: 1.0}  # dynamic thresholding's upper bound (sample_max_value), stage I and stage II
+
+
+def scheduler_config(stage: int, variance: str = "learned_range") -> dict:
+    """IF's scheduler config for `stage` (1 or 2), with `variance` as its variance_type."""
+    return {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[stage], "variance_type": variance}
+
+
+def sampler_variance(loss_type: str) -> str:
+    """The variance a model trained with `loss_type` samples with: the hybrid loss trains the variance channels,
+    so IF's learned_range stays valid; an epsilon-only (mse) loss leaves them as they were: fixed_small."""
+    return "learned_range" if loss_type == "hybrid" else "fixed_small"
 
 
 def cosine_betas(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
@@ -125,6 +139,14 @@ def q_sample(sched: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Te
     pass float32 x0 and noise for a full-precision x_t."""
     a = _at(sched, "alphas_cumprod", t, x0).to(x0.dtype)  # [B,1,1,1]
     return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def low_res_condition(sched: Schedule, low_res: torch.Tensor, size, noise: torch.Tensor, level) -> torch.Tensor:
+    """Stage II's input channels 3:6: the low-res image upsampled to `size` (H, W) (bilinear, align_corners=True,
+    as IF's pipelines) and noised to `level` on the same schedule (noise conditioning augmentation, Ho et al. 2021
+    "Cascaded Diffusion Models" sec. 3.2). Computed in low_res's dtype, on its device; noise is [B, 3, H, W]."""
+    up = F.interpolate(low_res, size=tuple(size), mode="bilinear", align_corners=True)
+    return q_sample(sched, up, noise, level)
 
 
 def x0_from_eps(sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

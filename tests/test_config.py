@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from config import Config, load_config
+from config import FLAVOUR_REPOS, Config, load_config, stage_of, torch_dtype
 
 
 def write(tmp_path, name, text):
@@ -100,7 +100,8 @@ def test_shipped_configs():
         if path.stem.startswith("demo"):
             continue
         flavour = FLAVOURS[cfg.model_flavour]
-        assert (cfg.stage, cfg.weights, cfg.pretrained) == (flavour["stage"], flavour["repo"], None), path.name
+        want = (stage_of(flavour["config"]), FLAVOUR_REPOS[cfg.model_flavour], None)
+        assert (cfg.stage, cfg.weights, cfg.pretrained) == want, path.name
         assert (cfg.learning_rate, cfg.lr_end, cfg.model_type, cfg.lora_rank) == (4e-5, 4e-6, "lora", 32)
         ds = cfg.datasets[0]
         res = flavour["resolution"]
@@ -109,3 +110,16 @@ def test_shipped_configs():
             (res, 4 * res, 2 * res)  # the seed's 64 / 256 / 128, scaled to the stage
         assert ds["instance_data_dir"] == "data/my_images"
     assert len(outputs) == len(list(configs.glob("*.py")))
+
+
+def test_stage_of_a_unet_config():
+    assert stage_of({"in_channels": 6}) == 2 and stage_of({"in_channels": 3}) == 1 and stage_of({}) == 1
+
+
+def test_auto_precision_is_fp32_without_a_bf16_gpu():
+    import torch
+
+    assert torch_dtype("auto", "cpu") == torch.float32 and torch_dtype(None) == torch.float32
+    assert torch_dtype("bf16") == torch.bfloat16 and torch_dtype("torch.float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown precision"):
+        torch_dtype("int8")
