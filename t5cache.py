@@ -7,13 +7,16 @@ Text is prepared exactly as IF's pipelines do: lowercase + strip, T5 tokenizer p
 `tokenizer_max_length` (77), truncated, `</s>` appended, attention mask to T5 only, and all L output
 vectors kept (pad positions are not zero and the U-Net reads them). The cache is a folder:
 
-    index.json                      encoder identity, max_length, dtype, dim, and the shard list
+    index.json                      encoder identity, max_length, dtype, clean_caption, dim, the shards
     shard-r<rank>-<seq>.safetensors emb [N, L, D] (bf16), lengths [N] (tokens incl. </s>; the mask
                                     is a prefix of ones), keys [N, 32] (sha256 of caption + settings)
 
 A shard is written to a .tmp file, fsynced and renamed before the index names it, so a killed build
 loses at most the shard in flight, and a re-run encodes only what is missing. Readers memory-map
 the shards once and gather rows: `TextCache(dir).get(captions) -> [B, L, D]`.
+
+train.py, sample.py and the command line all go through `prepare(cfg, captions) -> TextCache`, which takes
+the folder, the T5 and every setting from the config, so each reads the cache the others wrote.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from pathlib import Path
 
 import torch
 
-IF_T5 = "DeepFloyd/IF-I-XL-v1.0"  # all IF stages share one T5 v1.1 XXL; stage II folders may lack it
+from config import torch_dtype
+
+IF_T5 = "DeepFloyd/IF-I-XL-v1.0"  # every IF stage was trained with its T5 v1.1 XXL (docs/if.md, section 1.1)
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
                       "I32": torch.int32, "U8": torch.uint8}
 BUILD_CMD = "python t5cache.py CONFIG"
 
 
 def prepare_caption(text: str, clean_caption: bool = False) -> str:
-    """IF's text preprocessing (IF_REFERENCE §4): lowercase and strip; with clean_caption=True, IF's heavy
+    """IF's text preprocessing: lowercase and strip; with clean_caption=True, IF's heavy
     cleaning instead, applied twice as its pipelines do (an optional install: `pip install beautifulsoup4
     ftfy`). The result is what T5 reads and what the cache keys on."""
     return _clean_caption(_clean_caption(text)) if clean_caption else text.lower().strip()
@@ -86,7 +91,7 @@ def _clean_caption(text: str) -> str:
         from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
     except ImportError as e:  # IF's pipelines fall back to no cleaning here; a cache must not key on that
         raise ImportError(f"clean_caption=True needs `pip install beautifulsoup4 ftfy` ({e.name} is missing), "
-                          "or set clean_caption=False (IF's default)") from e
+                          "or set clean_caption=False (the default: lowercase and strip)") from e
     import html
     import re
     import warnings
@@ -113,13 +118,6 @@ def caption_key(prepared: str, identity: str, max_length: int, dtype: torch.dtyp
     return hashlib.sha256(json.dumps([prepared, identity, max_length, str(dtype)]).encode()).digest()
 
 
-def _dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-            "fp16": torch.float16, "float16": torch.float16}[str(name).removeprefix("torch.")]
-
-
 # ---------------------------------------------------------------------------------------------
 # the encoder
 
@@ -139,8 +137,7 @@ class TextEncoder:
         prepare_caption("", clean_caption)  # fail now, not after loading 9.5 GB
         cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
         self.device = torch.device(device) if device is not None else (cuda or torch.device("cpu"))
-        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()  # (T5 overflows in fp16)
-        self.dtype = (torch.bfloat16 if bf16_ok else torch.float32) if dtype in (None, "auto") else _dtype(dtype)
+        self.dtype = torch_dtype(dtype, self.device)
         self.max_length, self.clean_caption, self.name = max_length, clean_caption, str(path_or_repo_id)
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -320,7 +317,7 @@ class TextCache:
         if not (self.dir / "index.json").is_file():
             raise FileNotFoundError(f"no text cache at {self.dir} (no index.json); build it with `{BUILD_CMD}`")
         self.meta = json.loads((self.dir / "index.json").read_text())
-        self.dtype = _dtype(self.meta["dtype"])
+        self.dtype = torch_dtype(self.meta["dtype"])
         self.emb, self.lengths, self.rows = [], [], {}  # rows: key -> (shard, row)
         self._keys: dict[str, bytes] = {}  # caption -> key: training asks for the same captions every epoch
         for s, name in enumerate(self.meta["shards"]):
@@ -373,7 +370,7 @@ def build_cache(captions: list[str], encoder, cache_dir, *, batch_size: int = 32
     each rank encodes every WORLD_SIZE-th missing caption into its own shards; after a barrier rank 0
     indexes them all. Returns counts (total, cached, encoded), bytes on disk and captions/s."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cache_dir, dtype = Path(cache_dir), _dtype(dtype)
+    cache_dir, dtype = Path(cache_dir), torch_dtype(dtype)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if world > 1:
         import torch.distributed as dist
@@ -473,34 +470,92 @@ def _report(cache_dir: Path, total: int, encoded: int, seconds: float, rank: int
 
 
 # ---------------------------------------------------------------------------------------------
-# command line
+# from a config: the one way train.py, sample.py and the command line reach the cache
 
 
-def default_text_encoder(cfg) -> str:
-    """cfg.text_encoder, else the T5 of cfg.weights; stage II repos have none, so then IF-I-XL's."""
-    if cfg.text_encoder:
-        return cfg.text_encoder
-    w = cfg.weights
-    if (Path(w).is_dir() and not (Path(w) / "text_encoder").is_dir()) or w.startswith("DeepFloyd/IF-II"):
-        print(f"t5cache: {w} has no text_encoder/ (stage II ships none); using the T5 of {IF_T5}")
-        return IF_T5
-    return w
+def prepare(cfg, captions: list[str], *, progress: bool = True) -> TextCache:
+    """The text cache `cfg` reads, holding every caption of `captions` (and ""): the folder is
+    default_cache_dir(cfg), the encoder default_text_encoder(cfg), and max_length, clean_caption, the
+    encoder's dtype, batch size and device are the config's. Only missing captions are encoded, and T5 is
+    loaded only then (see build_cache); under torchrun every rank must call it, as they share the work."""
+    cache_dir = default_cache_dir(cfg)
+    build_cache(captions, default_text_encoder(cfg), cache_dir, batch_size=cfg.text_encoder_batch_size,
+                max_length=cfg.tokenizer_max_length, encoder_dtype=cfg.text_encoder_dtype,  # TextEncoder reads "auto"
+                clean_caption=cfg.clean_caption, device=cfg.device, progress=progress)
+    return TextCache(cache_dir)
+
+
+def run_captions(cfg) -> list[str]:
+    """Every caption a training run can ask the cache for: the datasets', the validation prompts, both negative
+    prompts and "" (caption dropout); deduplicated, in a stable order."""
+    import data  # here, not at the top: the encoder and the cache need none of the image code
+
+    return list(dict.fromkeys([*data.all_captions(cfg), *cfg.validation_prompts, cfg.validation_negative_prompt,
+                               cfg.negative_prompt, ""]))
 
 
 def default_cache_dir(cfg) -> str:
-    """cfg.text_cache_dir, else cache/t5 beside output_dir (./cache/t5 for the default output_dir), so
-    runs with different output_dirs next to each other share one cache (entries are keyed by encoder)."""
-    return cfg.text_cache_dir or str(Path(cfg.output_dir).parent / "cache" / "t5")
+    """cfg.text_cache_dir, else the cache_dir of a multidatabackend.json's text_embeds entry, else cache/t5 beside
+    output_dir (./cache/t5 for the default output_dir), so runs with different output_dirs next to each other
+    share one cache (entries are keyed by encoder)."""
+    import data  # which text_embeds entry counts is data.py's to say
+
+    return data.text_cache_dir_from(cfg) or str(Path(cfg.output_dir).parent / "cache" / "t5")
 
 
-def main(cfg) -> dict:
-    import data  # only the command line needs the datasets
+def default_text_encoder(cfg) -> str:
+    """The T5 (a folder or Hub id) that goes with cfg's weights:
+    1. cfg.text_encoder, if set;
+    2. else cfg.weights, if it is a local folder with text_encoder/ (a diffusers-layout download);
+    3. else, if cfg.weights is a training run's output_dir (it holds the config.json train.py writes), the T5 that
+       run was trained with: its text_encoder, else the T5 of its own base weights by these same rules;
+    4. else a Hub id itself (a diffusers repo with text_encoder/ - every DeepFloyd/IF-* repo, stage II's included,
+       carries the same T5 v1.1 XXL - or a plain T5 repo).
+    Any other local folder is an error: nothing in it says which T5 its U-Net was trained with."""
+    return _text_encoder_of(cfg.text_encoder, cfg.weights, [])
 
-    captions = [*data.all_captions(cfg), *cfg.validation_prompts, cfg.validation_negative_prompt,
-                cfg.negative_prompt, ""]
-    return build_cache(captions, default_text_encoder(cfg), default_cache_dir(cfg),
-                       batch_size=cfg.text_encoder_batch_size, max_length=cfg.tokenizer_max_length,
-                       encoder_dtype=cfg.text_encoder_dtype, clean_caption=cfg.clean_caption, device=cfg.device)
+
+RUN_CONFIG_KEYS = ("text_encoder", "pretrained", "model_flavour")  # what decides a run's T5 (config.Config fields)
+
+
+def _text_encoder_of(text_encoder: str | None, weights: str, runs: list[tuple[Path, str]]) -> str:
+    """default_text_encoder's rules; `runs`: the training runs' folders followed so far, (resolved, as named)."""
+    if text_encoder:
+        return text_encoder
+    folder = Path(weights).expanduser()
+    if not folder.is_dir():  # a Hub id
+        return weights
+    if (folder / "text_encoder").is_dir():
+        return weights
+    base_of = f" (the base weights of {runs[-1][1]}, by its config.json)" if runs else ""
+    saved = _run_config(folder)
+    if saved is None:
+        raise FileNotFoundError(f"{weights}{base_of} has no text_encoder/ and no training config.json to say which "
+                                f"T5 it was trained with; pass --text_encoder=FOLDER_OR_HUB_ID ({IF_T5} for the T5 "
+                                "every IF stage shares)")
+    if folder.resolve() in [resolved for resolved, _ in runs]:
+        chain = " -> ".join([shown for _, shown in runs] + [weights])
+        raise ValueError(f"the training configs' base weights go round in a circle ({chain}: each config.json's "
+                         "`pretrained` names the next), so none says which T5 they were trained with; pass "
+                         f"--text_encoder=FOLDER_OR_HUB_ID ({IF_T5} for the T5 every IF stage shares)")
+    from config import Config  # its `weights` says what a run's base weights were
+
+    run = Config(**{k: saved[k] for k in RUN_CONFIG_KEYS})
+    return _text_encoder_of(run.text_encoder, run.weights, [*runs, (folder.resolve(), weights)])
+
+
+def _run_config(folder: Path) -> dict | None:
+    """The resolved config train.py saved in its output_dir (config.json), or None if `folder` holds none. A
+    diffusers unet/ or T5 folder has a config.json too, without these keys."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and all(k in saved for k in RUN_CONFIG_KEYS) else None
+
+
+def main(cfg) -> TextCache:
+    return prepare(cfg, run_captions(cfg))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ import os
 import random
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+import data
 import t5cache
-from config import load_config
+from config import Config, load_config
 
 WORDS = ("a photo of the cat dog red blue green big small house tree under over sky an with on in painting "
          "portrait castle river mountain at night sunset watercolor oil sketch").split()
@@ -182,24 +182,149 @@ def test_missing_caption_error_and_no_file_opens(tiny, tmp_path, monkeypatch):
 
 
 def test_command_line_gathers_every_caption(tiny, tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "data", SimpleNamespace(all_captions=lambda cfg: ["Cat", "dog"]))
-    cfg = load_config([f"--text_encoder={tiny}", f"--text_cache_dir={tmp_path / 'c'}", "--validation_prompts=['V1']",
-                       "--validation_negative_prompt=blurry", "--negative_prompt=ugly", "--tokenizer_max_length=40"])
-    assert t5cache.main(cfg)["encoded"] == 6
-    cache = t5cache.TextCache(tmp_path / "c")
+    monkeypatch.setattr(data, "all_captions", lambda cfg: ["Cat", "dog"])
+    cfg = load_config([f"--text_encoder={tiny}", f"--text_cache_dir={tmp_path / 'c'}",
+                       "--validation_prompts=['V1', 'dog']", "--validation_negative_prompt=blurry",
+                       "--negative_prompt=ugly", "--tokenizer_max_length=40"])
+    assert t5cache.run_captions(cfg) == ["Cat", "dog", "V1", "blurry", "ugly", ""]
+    cache = t5cache.main(cfg)
+    assert cache.dir == tmp_path / "c" and len(cache) == 6
     assert cache.has(["cat", "DOG", "v1", "blurry", "ugly", ""]) and cache.get(["cat"]).shape == (1, 40, 32)
 
 
-def test_defaults(tiny, tmp_path):
-    stage2 = tmp_path / "stage2"
-    stage2.mkdir()
-    assert t5cache.default_text_encoder(load_config([f"--pretrained={stage2}"])) == t5cache.IF_T5
-    assert t5cache.default_text_encoder(load_config([f"--pretrained={tiny}"])) == str(tiny)
-    assert t5cache.default_text_encoder(load_config(["--model_flavour=ii-large-1.2b"])) == t5cache.IF_T5
-    assert t5cache.default_text_encoder(load_config(["--text_encoder=x/t5"])) == "x/t5"
+def test_command_line_writes_where_training_reads(tiny, tmp_path):
+    """A multidatabackend.json's text_embeds cache_dir is the cache of `python t5cache.py CONFIG` too."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a_red_cat", "a_blue_dog"):
+        Image.new("RGB", (64, 64)).save(images / f"{name}.png")
+    backend = [{"id": "pictures", "type": "local", "instance_data_dir": str(images), "caption_strategy": "filename"},
+               {"id": "text", "dataset_type": "text_embeds", "default": True, "type": "local",
+                "cache_dir": str(tmp_path / "embeds")}]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    (tmp_path / "run.py").write_text(f"text_encoder = {str(tiny)!r}\n"
+                                     f"datasets = {str(tmp_path / 'multidatabackend.json')!r}\n"
+                                     f"output_dir = {str(tmp_path / 'out')!r}\n")
+    cfg = load_config([str(tmp_path / "run.py")])
+    assert t5cache.default_cache_dir(cfg) == str(tmp_path / "embeds")
+    cache = t5cache.main(cfg)
+    assert cache.dir == tmp_path / "embeds" and cache.has(["a red cat", "a blue dog", ""]) and len(cache) == 3
+    assert not (tmp_path / "cache").exists()  # not the default beside output_dir
+
+
+def test_prepare_takes_every_setting_from_the_config(tiny, tmp_path, monkeypatch):
+    raw = "A <b>Cat</b> at https://example.com/cats/"  # cleaning gives "a cat at"; lower + strip would not
+    cfg = load_config([f"--text_encoder={tiny}", f"--text_cache_dir={tmp_path}", "--clean_caption=True",
+                       "--tokenizer_max_length=40", "--text_encoder_batch_size=2", "--text_encoder_dtype=fp32",
+                       "--device=cpu"])
+    calls = []
+    build = t5cache.build_cache
+    monkeypatch.setattr(t5cache, "build_cache", lambda *a, **k: (calls.append(k), build(*a, **k))[1])
+    cache = t5cache.prepare(cfg, [raw, "a dog"], progress=False)
+    assert {k: calls[0][k] for k in ("batch_size", "encoder_dtype", "device")} == {
+        "batch_size": 2, "encoder_dtype": "fp32", "device": "cpu"}
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["clean_caption"] is True and index["max_length"] == 40 and "float32" in index["identity"]
+    assert t5cache.caption_key("a cat at", index["identity"], 40, torch.bfloat16) in cache.rows
+    assert t5cache.caption_key(raw.lower().strip(), index["identity"], 40, torch.bfloat16) not in cache.rows
+    ref, _, _ = reference(tiny, ["a cat at"], max_length=40)
+    # another batch than the reference's: to one bf16 rounding step (see test_killed_build_resumes...)
+    torch.testing.assert_close(cache.get([raw]).float(), ref.bfloat16().float(), rtol=2**-8, atol=0)
+
+
+def test_prepare_again_does_not_load_t5(tiny, tmp_path, monkeypatch):
+    cfg = load_config([f"--text_encoder={tiny}", f"--text_cache_dir={tmp_path}"])
+    loads = []
+
+    class Counting(t5cache.TextEncoder):
+        def __init__(self, *a, **k):
+            loads.append(a[0])
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(t5cache, "TextEncoder", Counting)
+    first = t5cache.prepare(cfg, ["a cat", "a dog"], progress=False)
+    second = t5cache.prepare(cfg, ["a dog", "A Cat"], progress=False)
+    assert loads == [str(tiny)]  # the second call found everything cached and never loaded T5
+    assert torch.equal(second.get(["a cat", "a dog"]), first.get(["a cat", "a dog"]))
+    assert len(t5cache.prepare(cfg, ["a bird"], progress=False)) == 4 and len(loads) == 2  # missing: loaded
+
+
+def test_default_cache_dir():
     assert t5cache.default_cache_dir(load_config([])) == os.path.join("cache", "t5")
     assert t5cache.default_cache_dir(load_config(["--output_dir=runs/a"])) == os.path.join("runs", "cache", "t5")
     assert t5cache.default_cache_dir(load_config(["--text_cache_dir=/x"])) == "/x"
+
+
+# ---------------------------------------------------------------------------------------------
+# default_text_encoder: which T5 goes with the weights
+
+
+def training_run(folder, **values):
+    """A training run's output_dir as far as its T5 goes: the config.json train.py writes (and a unet/)."""
+    (folder / "unet").mkdir(parents=True)
+    Config(**values).save(folder / "config.json")
+    return str(folder)
+
+
+def t5_for(*args) -> str:
+    return t5cache.default_text_encoder(load_config(list(args)))
+
+
+def test_text_encoder_option_wins(tmp_path):
+    assert t5_for("--text_encoder=x/t5") == "x/t5"
+    assert t5_for("--text_encoder=x/t5", f"--pretrained={tmp_path}") == "x/t5"  # even for a folder without T5
+
+
+def test_text_encoder_of_a_diffusers_folder(tiny):
+    assert t5_for(f"--pretrained={tiny}") == str(tiny)
+
+
+def test_text_encoder_of_a_training_run(tiny, tmp_path):
+    demo = training_run(tmp_path / "demo", text_encoder=str(tiny), model_type="full")
+    assert t5_for(f"--pretrained={demo}") == str(tiny)  # its text_encoder
+    lora_on_demo = training_run(tmp_path / "lora", pretrained=demo)
+    assert t5_for(f"--pretrained={lora_on_demo}") == str(tiny)  # its base weights' run, recursively
+    assert t5_for(f"--pretrained={training_run(tmp_path / 'ft', pretrained=str(tiny))}") == str(tiny)  # text_encoder/
+    hub_ii = training_run(tmp_path / "ii", model_flavour="ii-medium-450m", model_type="full")
+    assert t5_for(f"--pretrained={hub_ii}") == "DeepFloyd/IF-II-M-v1.0"  # its base weights, which carry T5
+    hub_i = training_run(tmp_path / "i", model_flavour="i-large-900m", model_type="full")
+    assert t5_for(f"--pretrained={hub_i}") == "DeepFloyd/IF-I-L-v1.0"
+    assert json.loads((tmp_path / "i" / "config.json").read_text())["_code_version"]  # Config.save's file as is
+
+
+def test_training_runs_that_name_each_other_are_an_error(tmp_path):
+    again = training_run(tmp_path / "again", pretrained=str(tmp_path / "again"))  # trained on top of itself
+    with pytest.raises(ValueError, match=r"circle .*again -> .*again.*pass --text_encoder=FOLDER_OR_HUB_ID"):
+        t5_for(f"--pretrained={again}")
+    training_run(tmp_path / "a", pretrained=str(tmp_path / "b"))
+    training_run(tmp_path / "b", pretrained=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"circle .*a -> .*b -> .*a:"):
+        t5_for(f"--pretrained={tmp_path / 'a'}")
+
+
+def test_text_encoder_of_hub_ids():
+    assert t5_for("--pretrained=DeepFloyd/IF-II-L-v1.0") == "DeepFloyd/IF-II-L-v1.0"  # stage II repos carry T5 too
+    assert t5_for("--model_flavour=ii-large-1.2b") == "DeepFloyd/IF-II-L-v1.0"
+    assert t5_for("--pretrained=DeepFloyd/IF-I-M-v1.0") == "DeepFloyd/IF-I-M-v1.0"
+    assert t5_for("--model_flavour=i-xlarge-4.3b") == "DeepFloyd/IF-I-XL-v1.0"
+    assert t5_for("--pretrained=someone/their-if") == "someone/their-if"
+
+
+def test_local_folder_without_t5_is_an_error(tmp_path):
+    stage2 = tmp_path / "stage2"  # a stage II download, and its bare unet/ (whose config.json is the U-Net's)
+    (stage2 / "unet").mkdir(parents=True)
+    (stage2 / "model_index.json").write_text('{"_class_name": "IFSuperResolutionPipeline"}')
+    (stage2 / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "in_channels": 6}')
+    msg = (r"{} has no text_encoder/ and no training config\.json to say which T5 it was trained with; pass "
+           r"--text_encoder=FOLDER_OR_HUB_ID \(DeepFloyd/IF-I-XL-v1\.0 for the T5 every IF stage shares\)")
+    for folder in (stage2, stage2 / "unet"):
+        with pytest.raises(FileNotFoundError, match=msg.format(folder.name)):
+            t5_for(f"--pretrained={folder}")
+    run = training_run(tmp_path / "run", pretrained=str(stage2))
+    with pytest.raises(FileNotFoundError, match=r"stage2 \(the base weights of .*run, by its config\.json\) has no"):
+        t5_for(f"--pretrained={run}")
 
 
 # ---------------------------------------------------------------------------------------------
