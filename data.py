@@ -5,6 +5,7 @@
 What happens to one image (sizes in pixels; `crop_box` and `load_item` are the whole story):
   scan     decode once (JPEGs at 1/8 scale) to weed out broken files; EXIF-oriented size; captions
   bucket   (w, h) from crop_aspect: square | preserve (its own aspect) | closest / random (crop_aspect_buckets);
+           crop_aspect shapes a crop, so (as in SimpleTuner) without `crop` every bucket has its image's own aspect;
            shorter edge = resolution (pixel) or area = resolution^2 (area); sides multiples of 8 for stage I,
            of 32 for stage II (so its 4x smaller partner is a valid stage I size); aspect <= max_aspect_ratio
   box      the source region that becomes the sample. With `crop`: a bucket-sized window at native scale, or,
@@ -15,6 +16,8 @@ What happens to one image (sizes in pixels; `crop_box` and `load_item` are the w
 Batches: each comes from one bucket of one dataset. An epoch's batch list is a pure function of (seed, epoch)
 and each sample's randomness (crop offset, caption) of (seed, epoch, position in the epoch), so a resumed
 run, another worker count or another rank count never changes what a step sees.
+Pictures: `to_pil` and `image_grid` (a labelled grid) draw the contact sheet here, and sample.py's and
+train.py's grids.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from config import Config, parse_args
 
@@ -44,7 +47,9 @@ DEFAULTS = {
     "resolution": None,  # None: 64 for stage I, 256 for stage II
     "resolution_type": "pixel",  # pixel: shorter edge; area (or pixel_area): side of the square of equal area
     "crop": False,  # True: a bucket-sized window at native scale; False: the whole image resized into its bucket
-    "crop_aspect": "preserve",  # square | preserve | closest | random (the last two pick from crop_aspect_buckets)
+    # square | preserve | closest | random (the last two pick from crop_aspect_buckets). The shape of the crop, so
+    # with crop=False it is ignored and each image keeps its own aspect (SimpleTuner's meaning of the option)
+    "crop_aspect": "preserve",
     "crop_aspect_buckets": [0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0],  # width/height choices
     "crop_style": "random",  # random | center | corner (top-left)
     "minimum_image_size": None,  # images whose edge (see resolution_type) is smaller are skipped; None: resolution
@@ -59,9 +64,10 @@ DEFAULTS = {
 CHOICES = {"resolution_type": ("pixel", "area"), "crop_aspect": ("square", "preserve", "closest", "random"),
            "crop_style": ("random", "center", "corner"), "caption_strategy": ("filename", "textfile", "instanceprompt")}
 
-# Progressive downsampling, as the seed documents it: a downscale by more than 1.5x proceeds in x0.75 steps, then
-# one final resize. Every step is PIL's LANCZOS: the sharpest of its filters, and antialiased (its kernel widens
-# with the ratio), so even one big step would not alias; the steps give the gentler result the seed describes.
+# Progressive downsampling, as SimpleTuner's DeepFloyd guide documents it (docs/if.md, section 5.6): a downscale by
+# more than 1.5x proceeds in x0.75 steps, then one final resize. Every step is PIL's LANCZOS: the sharpest of its
+# filters, and antialiased (its kernel widens with the ratio), so even one big step would not alias; the steps give
+# the gentler result the guide describes.
 DOWNSCALE_MAX_RATIO = 1.5
 DOWNSCALE_STEP = 0.75
 # Fast path (BOX-then-LANCZOS): JPEGs decode at 1/2..1/8 scale (libjpeg DCT scaling, PIL `draft`), other formats
@@ -313,11 +319,18 @@ def bucket_size(aspect, resolution, resolution_type="pixel", multiple=8, max_asp
     return w, h
 
 
+def crop_aspect_in_effect(ds) -> str:
+    """ds's crop_aspect, or 'preserve' without crop (the option shapes a crop: see DEFAULTS)."""
+    return ds["crop_aspect"] if ds["crop"] else "preserve"
+
+
 def bucket_aspect(ds, w, h) -> float:
-    """The aspect (w/h) an image's bucket gets; crop_aspect='random' is drawn by the sampler instead."""
-    if ds["crop_aspect"] == "square":
+    """The aspect (w/h) an image's bucket gets. crop_aspect='random' is drawn by the sampler for training; asked
+    here (a validation picture), it is the closest of crop_aspect_buckets."""
+    rule = crop_aspect_in_effect(ds)
+    if rule == "square":
         return 1.0
-    if ds["crop_aspect"] == "closest":
+    if rule in ("closest", "random"):
         return min(ds["crop_aspect_buckets"], key=lambda a: abs(math.log(a * h / w)))
     return w / h
 
@@ -404,7 +417,14 @@ def _chw(img: Image.Image) -> torch.Tensor:
 
 
 class Loader:
-    """Batches forever: {'pixels': [B,3,H,W] in [-1,1], 'captions': [str] * B, stage II also 'low_res' [B,3,H/4,W/4]}.
+    """Batches {'pixels': [B,3,H,W] in [-1,1], 'captions': [str] * B, stage II also 'low_res' [B,3,H/4,W/4]}.
+
+    Two ways to draw them. `for batch in loader` (iter()) is PyTorch's convention: the rest of the current epoch,
+    then it stops; the next iter() continues with the next epoch (in new worker processes). `loader.stream()`
+    yields batches forever, across epochs, from one DataLoader whose workers start once (the training loop's way).
+    len(loader) is the number of batches per epoch. state_dict() counts the batches either has handed out (not the
+    ones workers prefetched), and a new Loader given it by load_state_dict continues, through either, with exactly
+    the next batch.
 
     The sampler. Each dataset's slots (each image 1 + repeats times) are grouped by bucket, shuffled per epoch,
     and cut into global batches of train_batch_size x world_size; rank r takes the r-th slice of each, so ranks
@@ -412,8 +432,8 @@ class Loader:
     repeating that bucket's first images of the epoch (so a bucket, or a dataset, smaller than one global batch
     still trains; a one-line note says how many samples per epoch are such repeats). With `probability` set, a
     dataset contributes its share of the epoch's batches (cycling its own shuffled passes, or a part of one).
-    crop_aspect='random' deals a fixed multiset of aspects (cycling crop_aspect_buckets) to the dataset's slots
-    anew each epoch, so the number of batches never changes. state_dict() counts the batches handed out.
+    crop_aspect='random' (with crop) deals a fixed multiset of aspects (cycling crop_aspect_buckets) to the
+    dataset's slots anew each epoch, so the number of batches never changes.
     """
 
     def __init__(self, cfg: Config, rank=0, world_size=1):
@@ -422,16 +442,24 @@ class Loader:
         self.datasets = load_datasets(cfg)
         entries, self.skipped, self.report = scan(self.datasets, cfg.output_dir, rank == 0)
         self.items = Items(entries, self.datasets, cfg.stage)
-        multiple = 32 if cfg.stage == 2 else 8
+        self.multiple, self.max_aspect = 32 if cfg.stage == 2 else 8, cfg.max_aspect_ratio
+        # Validation pictures: one seeded order of every usable image (the same for any rank and world size); the
+        # first validation_loss_images of it are held out, never trained on.
+        self.eval_order = random.Random(f"{cfg.seed}:held-out").sample(range(len(entries)), len(entries))
+        self.held_out = self.eval_order[: cfg.validation_loss_images]
+        held = set(self.held_out)
         self.slots = [[] for _ in self.datasets]  # per dataset: [(entry, bucket)], fixed for the whole run
         for i, (_, w, h, _, d) in enumerate(entries):
             ds = self.datasets[d]
-            for _ in range(1 + ds["repeats"]):
+            for _ in range(1 + ds["repeats"]) if i not in held else ():
                 n = len(self.slots[d])
-                a = ds["crop_aspect_buckets"][n % len(ds["crop_aspect_buckets"])] if ds["crop_aspect"] == "random" \
-                    else bucket_aspect(ds, w, h)
-                bucket = bucket_size(a, ds["resolution"], ds["resolution_type"], multiple, cfg.max_aspect_ratio)
-                self.slots[d].append((i, bucket))
+                a = ds["crop_aspect_buckets"][n % len(ds["crop_aspect_buckets"])] \
+                    if crop_aspect_in_effect(ds) == "random" else bucket_aspect(ds, w, h)
+                self.slots[d].append((i, self._bucket(ds, a)))
+        for ds, slots in zip(self.datasets, self.slots):
+            if not slots:
+                raise ValueError(f"validation_loss_images={cfg.validation_loss_images} holds out every usable image of "
+                                 f"dataset {ds['id']!r}, leaving nothing to train on: lower validation_loss_images")
         g = self.batch_size * world_size
         counts = [Counter(b for _, b in slots) for slots in self.slots]
         sizes = [sum(math.ceil(c / g) for c in cnt.values()) for cnt in counts]  # global batches per pass
@@ -451,11 +479,22 @@ class Loader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def _bucket(self, ds: dict, aspect: float) -> tuple[int, int]:
+        return bucket_size(aspect, ds["resolution"], ds["resolution_type"], self.multiple, self.max_aspect)
+
+    def eval_request(self, i: int, size: tuple[int, int] | None = None) -> tuple:
+        """A request (for `items[...]`) of entry i for validation: at `size` (w, h), else at its bucket (crop_aspect
+        'random': the closest of crop_aspect_buckets), prepared as training prepares it, with a fixed crop and
+        caption choice, so every validation sees the same picture."""
+        _, w, h, _, d = self.items.entries[i]
+        ds = self.datasets[d]
+        return (i, *(size or self._bucket(ds, bucket_aspect(ds, w, h))), f"{self.seed}:held-out:{i}")
+
     def _pass(self, d: int, rnd: random.Random) -> list[list]:
         """One shuffled pass over dataset d: global batches of (entry, bucket), each from a single bucket."""
         slots, g = self.slots[d], self.batch_size * self.world
         buckets = [b for _, b in slots]
-        if self.datasets[d]["crop_aspect"] == "random":
+        if crop_aspect_in_effect(self.datasets[d]) == "random":
             rnd.shuffle(buckets)
         groups = defaultdict(list)
         for (entry, _), b in zip(slots, buckets):
@@ -492,9 +531,10 @@ class Loader:
             yield from self.plan(epoch)[step:]
             epoch, step = epoch + 1, 0
 
-    def __iter__(self):
-        loader = torch.utils.data.DataLoader(self.items, batch_sampler=self._requests(self.epoch, self.step),
-                                             num_workers=self.num_workers)
+    def _collate(self, requests):
+        """`requests` (batches of requests) through one DataLoader; each batch is counted as it is handed out, so
+        prefetched but unused batches are not counted and a resume continues with the first batch not seen."""
+        loader = torch.utils.data.DataLoader(self.items, batch_sampler=requests, num_workers=self.num_workers)
         for batch in loader:
             self.step += 1
             if self.step == self.steps_per_epoch:
@@ -502,11 +542,19 @@ class Loader:
             batch["captions"] = batch.pop("caption")  # a list of B strings once collated
             yield batch
 
+    def __iter__(self):
+        """The rest of the current epoch, then stop (the next iter() goes on with the next epoch)."""
+        return self._collate(self.plan(self.epoch)[self.step :])
+
+    def stream(self):
+        """Batches forever, epoch after epoch, from one DataLoader: its workers are not restarted at each epoch."""
+        return self._collate(self._requests(self.epoch, self.step))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after the batches `state` counted; the next iter() starts there."""
+        """Continue after the batches `state` counted: the next iter() or stream() starts there."""
         if state.get("steps_per_epoch") != self.steps_per_epoch or state.get("seed") != self.seed:
             print(f"warning: data changed since the checkpoint ({state} vs {self.state_dict()}): "
                   "resumed batches will differ from the original run's")
@@ -530,38 +578,64 @@ def make_loader(cfg: Config, rank=0, world_size=1) -> Loader:
 
 
 # ---------------------------------------------------------------------------------------------
+# pictures: tensors -> PIL, labelled grids (validation grids, sample.py's grid, the contact sheet)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> B RGB PIL images, rounded as diffusers' pt -> pil does (in float32)."""
+    x = ((images.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 4) -> list[str]:
+    """Greedy word wrap to `width` pixels; overlong words are cut, the last line ends in '...' if text is left."""
+    lines, line = [], ""
+    for word in text.split():
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            word = word[:-1]
+        if line and draw.textlength(f"{line} {word}", font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines
+
+
+def image_grid(images, labels=None, cols: int | None = None, min_width: int = 128, pad: int = 4) -> Image.Image:
+    """A white sheet of `images` (PIL images, or a [B, 3, H, W] tensor in [-1, 1]), `cols` per row, each with
+    its label wrapped under it. Small images are enlarged (nearest, by an integer factor) to `min_width`, so
+    64 px samples and their labels stay readable. -> PIL image."""
+    images = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
+    labels = list(labels) if labels is not None else [""] * len(images)
+    if len(labels) != len(images):
+        raise ValueError(f"image_grid: {len(images)} images but {len(labels)} labels")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    scale = max(1, math.ceil(min_width / max(im.width for im in images)))
+    cw, ch = max(im.width for im in images) * scale, max(im.height for im in images) * scale
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(measure, label, font, cw) for label in labels]
+    line_h = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    text_h = max(len(w) for w in wrapped) * line_h if any(labels) else 0
+    sheet = Image.new("RGB", (pad + cols * (cw + pad), pad + rows * (ch + text_h + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, lines) in enumerate(zip(images, wrapped)):
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
+        sheet.paste(im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST), (x0, y0))
+        for j, line in enumerate(lines):
+            draw.text((x0, y0 + ch + j * line_h), line, fill="black", font=font)
+    return sheet
+
+
+# ---------------------------------------------------------------------------------------------
 # command line: report, throughput, contact sheet
 
 
-def contact_sheet(batches: list[dict], path, width=4096) -> None:
-    """A grid of samples (stage II: low-res, upscaled, left of high-res), each labelled with bucket and caption."""
-    from PIL import ImageDraw
-
-    def pil(x, zoom):
-        img = Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())  # [-1,1] (3,H,W) -> uint8
-        return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)  # enlarged, pixels kept sharp
-
-    zoom = max(1, 128 // min(min(b["pixels"].shape[2:]) for b in batches))  # one scale for the whole sheet
-    cells = []
-    for b in batches:
-        for i, caption in enumerate(b["captions"]):
-            cell = hi = pil(b["pixels"][i], zoom)
-            if "low_res" in b:
-                cell = Image.new("RGB", (hi.width * 2 + 4, hi.height), "white")
-                cell.paste(pil(b["low_res"][i], 4 * zoom)), cell.paste(hi, (hi.width + 4, 0))
-            cells.append((cell, f"{hi.width // zoom}x{hi.height // zoom} {caption}"))
-    cw, ch = max(c.width for c, _ in cells) + 8, max(c.height for c, _ in cells) + 32
-    cols = max(1, min(width // cw, len(cells)))
-    sheet = Image.new("RGB", (cw * cols, ch * math.ceil(len(cells) / cols)), "white")
-    draw, chars = ImageDraw.Draw(sheet), cw // 6
-    for n, (cell, label) in enumerate(cells):
-        x, y = cw * (n % cols) + 4, ch * (n // cols) + 4
-        sheet.paste(cell, (x, y))
-        draw.text((x, y + cell.height + 2), label[:chars] + "\n" + label[chars : 2 * chars], fill="black")
-    sheet.save(path)
-
-
-def main(cfg: Config) -> None:
+def main(cfg: Config) -> Path:
+    """Report the datasets, measure throughput, write the contact sheet; -> its path."""
     loader = make_loader(cfg)
     for r in loader.report:
         print(f"  {r['id']}: found {r['found']}, used {r['used']}, skipped {r['skipped'] or 'none'}")
@@ -573,15 +647,27 @@ def main(cfg: Config) -> None:
     for r in requests:
         loader.items[r]
     per_core = len(requests) / (time.perf_counter() - t)
-    it = iter(loader)
-    batches = [next(it)]  # worker start-up is not throughput
+    stream = loader.stream()  # one DataLoader whatever the number of batches
+    batches = [next(stream)]  # worker start-up is not throughput
     t = time.perf_counter()
-    batches += [next(it) for _ in range(max(4, 128 // cfg.train_batch_size))]
+    batches += [next(stream) for _ in range(max(4, 128 // cfg.train_batch_size))]
     rate = (len(batches) - 1) * cfg.train_batch_size / (time.perf_counter() - t)
+    stream.close()  # its workers end now, not whenever the generator is collected
     print(f"throughput: {per_core:.1f} samples/s on one core, {rate:.1f} with {cfg.dataloader_num_workers} workers")
+    images, labels, pairs = [], [], "low_res" in batches[0]
+    for b in batches[: math.ceil(24 / cfg.train_batch_size)]:
+        h, w = b["pixels"].shape[2:]
+        for i, (hi, caption) in enumerate(zip(to_pil(b["pixels"]), b["captions"])):
+            if pairs:  # stage II: the low-res partner, enlarged 4x (nearest: its pixels stay visible), left of it
+                images.append(to_pil(b["low_res"][i : i + 1])[0].resize((w, h), Image.NEAREST))
+                labels.append(f"low-res {w // 4}x{h // 4}")
+            images.append(hi)
+            labels.append(f"{w}x{h} {caption}")
+    cols = 2 * math.ceil(math.sqrt(len(images) / 2)) if pairs else None  # even: each pair on one row
     sheet = Path(cfg.output_dir) / "contact_sheet.png"
-    contact_sheet(batches[: math.ceil(24 / cfg.train_batch_size)], sheet)
+    image_grid(images, labels, cols).save(sheet)
     print(f"contact sheet: {sheet}")
+    return sheet
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""data.py: sizes, buckets, robust decoding, captions, the resumable DDP-aware sampler, stage II pairs."""
+"""data.py: sizes, buckets, decoding, captions, the resumable DDP-aware sampler, stage II pairs, labelled grids."""
 
 import io
 import json
@@ -11,7 +11,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 from config import Config
@@ -189,7 +189,7 @@ def test_modes_formats_and_broken_files(tmp_path):
     assert sorted(line.split("\t")[0].split("/")[-1] for line in lines) == sorted(reasons)
     assert loader.report[0] == {"id": "mix", "found": 18, "used": 12, "skipped": Counter(
         r.split(":")[0] for r in reasons.values())}
-    for batch in islice(loader, loader.steps_per_epoch):
+    for batch in loader:
         assert batch["pixels"].dtype == torch.float32 and batch["pixels"].shape[1] == 3
 
 
@@ -223,12 +223,46 @@ def test_batches_buckets_and_range(tmp_path):
     assert loader.buckets == {"64x64": 4, "96x64": 4, "64x96": 2, "88x64": 2, "64x128": 2, "128x64": 2}
     assert len(loader) == loader.steps_per_epoch == 8
     shapes = Counter()
-    for batch in islice(loader, len(loader)):
+    for batch in loader:
         x = batch["pixels"]
         assert x.shape[0] == 2 and x.shape[2] % 8 == 0 and x.shape[3] % 8 == 0
         assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
         shapes[f"{x.shape[3]}x{x.shape[2]}"] += 2
     assert shapes == Counter(loader.buckets)
+
+
+@pytest.mark.parametrize("crop_aspect", ["square", "preserve", "closest", "random"])
+def test_crop_aspect_applies_only_with_crop(tmp_path, crop_aspect):
+    """SimpleTuner's meaning: crop_aspect shapes the crop, so with crop=False every image keeps its own aspect (capped
+    by max_aspect_ratio) and is resized whole into its bucket, whatever crop_aspect says."""
+    d = tmp_path / "a"
+    d.mkdir()
+    expected = {}  # caption -> bucket (w, h)
+    for i, (size, bucket) in enumerate([((64, 64), (64, 64)), ((96, 64), (96, 64)), ((64, 96), (64, 96)),
+                                        ((300, 200), (96, 64)), ((70, 140), (64, 128)),
+                                        ((400, 64), (256, 64))]):  # 6.25:1, capped at max_aspect_ratio=4
+        noise(*size, seed=i).save(d / f"a_{i}.png")
+        expected[f"a {i}"] = bucket
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 120x80, seen as an 80x120 portrait
+    noise(120, 80, seed=9).save(d / "portrait.jpg", exif=exif)
+    expected["portrait"] = (64, 96)
+    ds = {"instance_data_dir": str(d), "crop_aspect": crop_aspect, "crop_style": "center"}
+    loader = data.make_loader(cfg_for(tmp_path, [ds], train_batch_size=1))
+    assert loader.buckets == dict(Counter(f"{w}x{h}" for w, h in expected.values()))
+    for batch in islice(loader.stream(), 2 * len(loader)):  # two epochs: crop_aspect='random' deals anew each one
+        (caption,) = batch["captions"]
+        assert batch["pixels"].shape[2:] == expected[caption][::-1]
+        if caption == "portrait":  # the whole image, upright, nothing cut off
+            whole = data.resize(ImageOps.exif_transpose(Image.open(d / "portrait.jpg")).convert("RGB"), (64, 96))
+            assert np.array_equal(np.asarray(uint8(batch["pixels"][0])), np.asarray(whole))
+    cropped = data.make_loader(cfg_for(tmp_path, [dict(ds, crop=True)], train_batch_size=1))
+    if crop_aspect == "square":  # with crop the option applies: every image gives a square crop
+        assert cropped.buckets == {"64x64": 7}
+    elif crop_aspect == "preserve":
+        assert cropped.buckets == loader.buckets
+    else:  # from crop_aspect_buckets, which end at 2:1
+        assert "256x64" not in cropped.buckets and sum(cropped.buckets.values()) == 7
 
 
 def test_captions_per_strategy(tmp_path):
@@ -246,7 +280,7 @@ def test_captions_per_strategy(tmp_path):
     assert data.all_captions(cfg) == expected
     loader = data.make_loader(cfg)
     assert sorted(r for _, r in loader.skipped) == ["no caption: a_2.txt is empty", "no caption: a_3.txt is missing"]
-    seen = Counter(c for batch in islice(loader, 20 * len(loader)) for c in batch["captions"])
+    seen = Counter(c for batch in islice(loader.stream(), 20 * len(loader)) for c in batch["captions"])
     assert set(seen) == set(expected)  # every caption the cache holds is used, and nothing else
     assert seen["a photo"] == 40 and seen["one"] + seen["two"] == 20 and min(seen.values()) > 3
 
@@ -258,15 +292,15 @@ def test_repeats_and_probability(tmp_path):
                   train_batch_size=4)
     loader = data.make_loader(cfg)
     assert len(loader) == 6
-    seen = Counter(c for batch in islice(loader, len(loader)) for c in batch["captions"])
+    seen = Counter(c for batch in loader for c in batch["captions"])
     assert seen == Counter({f"a {i}": 3 for i in range(4)} | {f"b {i}": 1 for i in range(12)})
 
     cfg.datasets = [{"instance_data_dir": str(a), "probability": 3}, {"instance_data_dir": str(b), "probability": 1}]
     loader = data.make_loader(cfg)
     assert loader.quota == [3, 1] and len(loader) == 4  # 1 + 3 batches a pass, shared 3:1
-    seen = Counter(c[0] for batch in islice(loader, 10 * len(loader)) for c in batch["captions"])
+    seen = Counter(c[0] for batch in islice(loader.stream(), 10 * len(loader)) for c in batch["captions"])
     assert seen == {"a": 120, "b": 40}
-    per_image = Counter(c for batch in islice(loader, len(loader)) for c in batch["captions"] if c[0] == "a")
+    per_image = Counter(c for batch in loader for c in batch["captions"] if c[0] == "a")
     assert set(per_image.values()) == {3}  # a's three batches a epoch: three shuffled passes over its 4 images
 
 
@@ -274,7 +308,7 @@ def test_small_bucket_and_tiny_dataset(tmp_path):
     d = folder(tmp_path, "a", [(64, 64), (64, 64), (64, 64), (96, 64)])
     loader = data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(d)}], train_batch_size=4))
     assert len(loader) == 2
-    batches = list(islice(loader, 2))
+    batches = list(loader)
     sizes = sorted(tuple(b["pixels"].shape) for b in batches)
     assert sizes == [(4, 3, 64, 64), (4, 3, 64, 96)]
     small, tiny = sorted((b["captions"] for b in batches), key=lambda c: c[0] == "a 3")
@@ -282,8 +316,8 @@ def test_small_bucket_and_tiny_dataset(tmp_path):
     assert set(small) == {"a 0", "a 1", "a 2"} and len(small) == 4  # three images + the first one again
 
 
-def _take(loader, n):
-    return [b for b in islice(loader, n)]
+def _take(batches, n):
+    return list(islice(batches, n))
 
 
 def _same(xs, ys):
@@ -292,24 +326,62 @@ def _same(xs, ys):
         assert x["captions"] == y["captions"] and torch.equal(x["pixels"], y["pixels"])
 
 
+def _resume_cfg(tmp_path):
+    d = folder(tmp_path, "a", SIZES * 2, captions=["x\ny\nz"] * 16)
+    return cfg_for(tmp_path, [{"instance_data_dir": str(d), "crop": True, "crop_aspect": "random"}],
+                   train_batch_size=2)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_same_seed_same_batches_and_exact_resume(tmp_path, workers):
-    d = folder(tmp_path, "a", SIZES * 2, captions=["x\ny\nz"] * 16)
-    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "crop": True, "crop_aspect": "random"}],
-                  train_batch_size=2)
-    run = _take(data.make_loader(cfg), 20)  # more than two epochs (8 steps each), in-process
+    cfg = _resume_cfg(tmp_path)
+    n = len(data.make_loader(cfg))
+    run = _take(data.make_loader(cfg).stream(), 2 * n + 4)  # more than two epochs, in-process
     cfg.dataloader_num_workers = workers
-    _same(run, _take(data.make_loader(cfg), 20))  # worker processes change nothing
-    probe = data.make_loader(cfg)
-    _take(probe, 11)
-    state = probe.state_dict()
-    assert state["epoch"] == 1 and state["step"] == 2
-    resumed = data.make_loader(cfg)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    _same(run[11:], _take(resumed, 9))
+    _same(run, _take(data.make_loader(cfg).stream(), len(run)))  # worker processes change nothing
+    stop = n + 3  # mid-epoch: the second epoch's 4th batch is next
+    by_stream = data.make_loader(cfg)
+    _take(by_stream.stream(), stop)
+    by_iter = data.make_loader(cfg)
+    assert len(list(by_iter)) == n and len(_take(by_iter, 3)) == 3  # an epoch, then a loop left after 3 batches
+    for probe in (by_stream, by_iter):
+        state = probe.state_dict()
+        assert state["epoch"] == 1 and state["step"] == 3
+        for api in ("stream", "iter"):
+            resumed = data.make_loader(cfg)
+            resumed.load_state_dict(json.loads(json.dumps(state)))
+            if api == "stream":
+                _same(run[stop:], _take(resumed.stream(), len(run) - stop))
+            else:  # the rest of the second epoch, then all of the third
+                _same(run[stop : 2 * n], list(resumed))
+                _same(run[2 * n : 3 * n][:4], _take(resumed, 4))
     cfg.seed += 1
-    other = _take(data.make_loader(cfg), 9)
+    other = _take(data.make_loader(cfg).stream(), 9)
     assert any(x["captions"] != y["captions"] for x, y in zip(run, other))
+
+
+def test_iter_is_one_epoch_and_stream_one_dataloader(tmp_path, monkeypatch):
+    """`for batch in loader` ends with the epoch (PyTorch's convention); stream() crosses epochs in one DataLoader,
+    so its workers are started once."""
+    made = []
+
+    class Counted(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Counted)
+    cfg = _resume_cfg(tmp_path)
+    loader = data.make_loader(cfg)
+    n = len(loader)
+    assert len(_take(loader, n + 1)) == n  # stops at the end of the epoch instead of running on
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["step"] == 0
+    second = list(loader)  # the next iter(): the next epoch, whole
+    assert len(second) == n and loader.state_dict()["epoch"] == 2 and len(made) == 2
+    made.clear()
+    streamed = _take(data.make_loader(cfg).stream(), 3 * n + 1)
+    assert len(made) == 1  # one DataLoader for three epochs and more
+    _same(second, streamed[n : 2 * n])
 
 
 def test_two_ranks_disjoint_equal_steps(tmp_path):
@@ -317,18 +389,18 @@ def test_two_ranks_disjoint_equal_steps(tmp_path):
     cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d)}], train_batch_size=2)
     ranks = [data.make_loader(cfg, rank=r, world_size=2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6
-    seen = [[c for b in islice(r, 6) for c in b["captions"]] for r in ranks]
+    seen = [[c for b in r for c in b["captions"]] for r in ranks]
     assert len(set(seen[0])) == len(seen[0]) == 12 and not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == {f"a {i}" for i in range(24)}
     single = data.make_loader(cfg)  # one process, twice the steps: the same multiset of samples
-    assert sorted(c for b in islice(single, 12) for c in b["captions"]) == sorted(seen[0] + seen[1])
+    assert len(single) == 12 and sorted(c for b in single for c in b["captions"]) == sorted(seen[0] + seen[1])
 
 
 def test_stage2_low_res_is_the_downsampled_crop(tmp_path):
     d = folder(tmp_path, "a", [(300, 200), (200, 200), (96, 130), (160, 90)])
     cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "resolution": 64, "crop": True}],
                   train_batch_size=1, model_flavour="ii-medium-450m")
-    for batch in islice(data.make_loader(cfg), 4):
+    for batch in data.make_loader(cfg):
         hi, lo = batch["pixels"], batch["low_res"]
         assert hi.shape[2] % 32 == 0 and hi.shape[3] % 32 == 0 and lo.shape[2:] == (hi.shape[2] // 4, hi.shape[3] // 4)
         assert lo.min() >= -1 and lo.max() <= 1
@@ -364,3 +436,46 @@ def test_simpletuner_multidatabackend_json(tmp_path):
     path.write_text(json.dumps(backend))
     with pytest.raises(ValueError, match="only local"):
         data.load_datasets(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures: to_pil, image_grid, the contact sheet
+
+
+def test_to_pil_rounds_like_diffusers():
+    from diffusers.image_processor import VaeImageProcessor
+
+    x = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    ref = VaeImageProcessor.numpy_to_pil((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    for a, b in zip(data.to_pil(x), ref):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_image_grid_layout():
+    x = torch.rand(5, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = data.image_grid(x, [f"image {i}" for i in range(5)], cols=3)
+    cw, ch = 48 * 3, 32 * 3  # enlarged by 3, the least integer factor reaching min_width=128
+    assert grid.width == 4 + 3 * (cw + 4) and grid.height > 4 + 2 * (ch + 4)  # 3 columns, 2 rows, label lines
+    cell = grid.crop((4 + cw + 4, 4, 4 + 2 * cw + 4, 4 + ch))  # the second image, pixels kept sharp
+    assert cell.tobytes() == data.to_pil(x[1:2])[0].resize((cw, ch), Image.NEAREST).tobytes()
+    assert data.image_grid(x[:4]).width == 4 + 2 * (cw + 4)  # no cols: a square-ish grid
+    with pytest.raises(ValueError, match="5 images but 2 labels"):
+        data.image_grid(x, ["a", "b"])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_cli_contact_sheet(tmp_path, stage):
+    """python data.py CONFIG: the report and a contact sheet; stage II shows each low-res partner left of its sample."""
+    d = folder(tmp_path, "a", [(64, 64)] * 4)
+    flavour = {1: {}, 2: {"model_flavour": "ii-medium-450m"}}[stage]
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "resolution": 64}], train_batch_size=4, **flavour)
+    sheet = Image.open(data.main(cfg))
+    first = next(data.make_loader(cfg).stream())  # the sheet's first cells: the same seed, the same batch
+    cells = [data.to_pil(first["pixels"][:1])[0]]
+    if stage == 2:
+        cells.insert(0, data.to_pil(first["low_res"][:1])[0].resize((64, 64), Image.NEAREST))
+    cols = {1: 5, 2: 10}[stage]  # 24 samples: sqrt-ish; stage II: 24 pairs, an even count per row
+    assert sheet.width == 4 + cols * (128 + 4)
+    for k, cell in enumerate(cells):  # enlarged to 128 px (nearest)
+        got = sheet.crop((4 + k * 132, 4, 4 + k * 132 + 128, 4 + 128))
+        assert got.tobytes() == cell.resize((128, 128), Image.NEAREST).tobytes()
