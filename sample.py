@@ -20,24 +20,24 @@ sampler step of diffusion.py, which equals diffusers' DDPMScheduler.step.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from diffusion import IF_SCHEDULER_CONFIG, Schedule, p_sample_step, q_sample, randn, timesteps_for
+from config import stage_of, torch_dtype
+from data import image_grid, parse_resolutions, to_pil
+from diffusion import Schedule, low_res_condition, p_sample_step, randn, scheduler_config, timesteps_for
 from lora import load_lora, merge_lora, read_lora_metadata
 from model import UNet
 
-# diffusion.IF_SCHEDULER_CONFIG is used when weights come without scheduler/scheduler_config.json; DDPM_DEFAULTS
-# are diffusers' DDPMScheduler defaults, which is what a config file that omits a key means.
-IF_SAMPLE_MAX = {1: 1.5, 2: 1.0}  # dynamic thresholding's upper bound, stage I and stage II
+# diffusion.scheduler_config(stage) is used when weights come without scheduler/scheduler_config.json;
+# DDPM_DEFAULTS are diffusers' DDPMScheduler defaults, which is what a config file that omits a key means.
 DDPM_DEFAULTS = dict(variance_type="fixed_small", thresholding=False, dynamic_thresholding_ratio=0.995,
                      sample_max_value=1.0, clip_sample=True, prediction_type="epsilon", beta_schedule="linear",
                      timestep_spacing="leading", steps_offset=0)
 ROMAN = {1: "I", 2: "II"}
+NOISE_LEVEL = 250  # stage II's default augmentation of its low-res input, as IF's super-resolution pipeline
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ ROMAN = {1: "I", 2: "II"}
 
 
 def _check_stage(unet, stage: int, source: str = "this U-Net") -> None:
-    got = 2 if unet.config["in_channels"] == 6 else 1
+    got = stage_of(unet.config)
     if got != stage:
         raise ValueError(f"{source} is a stage {ROMAN[got]} U-Net ({unet.config['in_channels']} input channels) but "
                          f"was given as stage {ROMAN[stage]}: stage I weights (IF-I-*) make 64 px images from text, "
@@ -76,10 +76,11 @@ def _denoise(unet, x, text_emb, neg_emb, *, low_res=None, noise_level=None, step
         text_emb = torch.cat([neg_emb, text_emb])  # (2B, L, D)
     for i in tqdm(range(len(ts)), desc=desc, disable=not progress, leave=False):
         inp = x if low_res is None else torch.cat([x, low_res], dim=1)  # stage II: (B, 6, H, W), sample first
-        out = unet(torch.cat([inp, inp]) if guided else inp, ts_on_device[i], text_emb, noise_level)  # (B|2B, 6, H, W)
+        out = unet(torch.cat([inp, inp]) if guided else inp, ts_on_device[i], text_emb, noise_level)  # (B|2B, ...)
         if guided:  # Ho & Salimans 2022 eq. 6 on epsilon; the variance channels come from the conditional half
-            (eps_u, _), (eps_c, v) = (o.split(C, dim=1) for o in out.chunk(2))
-            out = torch.cat([eps_u + guidance * (eps_c - eps_u), v], dim=1)
+            uncond, cond = out.chunk(2)  # (B, 2C, H, W) each, or (B, C, H, W) from an eps-only U-Net: no variance
+            eps_u, eps_c = uncond[:, :C], cond[:, :C]
+            out = torch.cat([eps_u + guidance * (eps_c - eps_u), cond[:, C:]], dim=1)
         prev_t = ts[i + 1] if i + 1 < len(ts) else -1
         x = p_sample_step(sched, out, ts[i], prev_t, x, variance=variance, thresholding=thresholding,
                           clip_sample=clip_sample, generator=generator)
@@ -103,7 +104,7 @@ def stage1(unet, text_emb, neg_emb, *, height=64, width=64, steps=100, guidance=
 
 
 @torch.no_grad()
-def stage2(unet, low_res, text_emb, neg_emb, *, height=256, width=256, steps=50, guidance=4.0, noise_level=250,
+def stage2(unet, low_res, text_emb, neg_emb, *, height=256, width=256, steps=50, guidance=4.0, noise_level=NOISE_LEVEL,
            variance="learned_range", thresholding=(0.95, 1.0), clip_sample=True, timesteps=None, generator=None,
            progress=False) -> torch.Tensor:
     """Super-resolution: low_res [B, 3, h, w] in [-1, 1] -> [B, 3, height, width] in [-1, 1]. The low-res image is
@@ -114,9 +115,9 @@ def stage2(unet, low_res, text_emb, neg_emb, *, height=256, width=256, steps=50,
     _check_size(unet, height, width, 2)
     B, device, dtype = low_res.shape[0], unet.device, unet.dtype
     x = randn((B, 3, height, width), generator, device, dtype)  # x_T, drawn before the augmentation noise
-    up = F.interpolate(low_res.to(device, dtype), (height, width), mode="bilinear", align_corners=True)
     level = torch.full((), noise_level, device=device, dtype=torch.long)  # broadcasts over the batch (and CFG pair)
-    up = q_sample(Schedule(), up, randn(up.shape, generator, device, dtype), level)  # (B, 3, H, W)
+    noise = randn((B, low_res.shape[1], height, width), generator, device, dtype)
+    up = low_res_condition(Schedule(), low_res.to(device, dtype), (height, width), noise, level)  # (B, 3, H, W)
     return _denoise(unet, x, text_emb.expand(B, -1, -1), neg_emb, low_res=up, noise_level=level, steps=steps,
                     guidance=guidance, variance=variance, thresholding=thresholding, clip_sample=clip_sample,
                     timesteps=timesteps, generator=generator, progress=progress, desc="stage II")
@@ -169,20 +170,21 @@ def read_scheduler_config(path_or_id) -> dict | None:
 def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa", stage=None):
     """A U-Net for sampling, and its sampler settings {variance, thresholding, clip_sample, timesteps} (from the
     scheduler config beside it, else IF's; variance by auto_variance) to pass on to stage1/stage2/cascade.
-    dtype: bf16 on CUDA, fp32 on the CPU. A LoRA is loaded and merged into the weights (no extra cost per step).
+    dtype: config.torch_dtype's "auto" (bf16 on GPUs with it, else fp32). A LoRA (and the biases a bitfit run
+    saved with it) is loaded and merged into the weights (no extra cost per step).
     `stage` (1 or 2) refuses weights of the other stage."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(dtype, device)
     if lora is not None and not Path(lora).is_file():
         raise FileNotFoundError(f"LoRA file {lora} does not exist; give the .safetensors a training run wrote "
                                 f"(e.g. output/pytorch_lora_weights.safetensors)")
     unet = UNet.from_pretrained(path_or_id, subfolder="unet", dtype=dtype, variant=variant, device=device)
-    unet_stage = 2 if unet.config["in_channels"] == 6 else 1
+    unet_stage = stage_of(unet.config)
     if stage is not None:
         _check_stage(unet, stage, str(path_or_id))
     found = read_scheduler_config(path_or_id)
-    if_own = {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[unet_stage]}  # weights without a config: IF's
-    s = {**DDPM_DEFAULTS, **(found if found is not None else if_own)}  # a config that omits a key: diffusers'
+    # no config: IF's own for this stage; a config that omits a key means diffusers' default
+    s = {**DDPM_DEFAULTS, **(found if found is not None else scheduler_config(unet_stage))}
     if (s["prediction_type"], s["beta_schedule"], s["steps_offset"]) != ("epsilon", "squaredcos_cap_v2", 0):
         raise ValueError(f"{path_or_id}: scheduler config has prediction_type={s['prediction_type']!r}, beta_schedule="
                          f"{s['beta_schedule']!r}, steps_offset={s['steps_offset']}; this sampler is IF's: epsilon, "
@@ -203,76 +205,11 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
 
 
 # ---------------------------------------------------------------------------------------------
-# images
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """[B, 3, H, W] in [-1, 1] -> B RGB PIL images, rounded as diffusers' pt -> pil does (in float32)."""
-    from PIL import Image
-
-    x = ((images.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
-
-
-def _wrap(draw, text: str, font, width: int, max_lines: int = 4) -> list[str]:
-    """Greedy word wrap to `width` pixels; overlong words are cut, the last line ends in '...' if text is left."""
-    lines, line = [], ""
-    for word in text.split():
-        while draw.textlength(word, font=font) > width and len(word) > 1:
-            word = word[:-1]
-        if line and draw.textlength(f"{line} {word}", font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
-    return lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines
-
-
-def image_grid(images, labels=None, cols: int | None = None, min_width: int = 128, pad: int = 4):
-    """A white sheet of `images` (PIL images, or a [B, 3, H, W] tensor in [-1, 1]), `cols` per row, each with
-    its label wrapped under it. Small images are enlarged (nearest, by an integer factor) to `min_width`, so
-    64 px samples and their labels stay readable. -> PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    images = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
-    labels = list(labels) if labels is not None else [""] * len(images)
-    if len(labels) != len(images):
-        raise ValueError(f"image_grid: {len(images)} images but {len(labels)} labels")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    scale = max(1, math.ceil(min_width / max(im.width for im in images)))
-    cw, ch = max(im.width for im in images) * scale, max(im.height for im in images) * scale
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(measure, label, font, cw) for label in labels]
-    line_h = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
-    text_h = max(len(w) for w in wrapped) * line_h if any(labels) else 0
-    sheet = Image.new("RGB", (pad + cols * (cw + pad), pad + rows * (ch + text_h + pad)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, lines) in enumerate(zip(images, wrapped)):
-        r, c = divmod(i, cols)
-        x0, y0 = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
-        sheet.paste(im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST), (x0, y0))
-        for j, line in enumerate(lines):
-            draw.text((x0, y0 + ch + j * line_h), line, fill="black", font=font)
-    return sheet
+# command line
 
 
 def _slug(text: str, n: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'64' -> (64, 64); '96x64' -> (width 96, height 64)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", str(text))
-    if not m:
-        raise ValueError(f"resolution={text!r}: use 'S' (square) or 'WxH', e.g. '64' or '96x64'")
-    return int(m[1]), int(m[2] or m[1])
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
 
 
 def read_prompts(cfg) -> list[str]:
@@ -285,24 +222,27 @@ def read_prompts(cfg) -> list[str]:
 
 
 def main(cfg) -> dict:
-    """Prompts -> T5 (then freed) -> stage I (-> stage II) -> PNGs. One generator on the sampling device, seeded
-    once with cfg.seed, draws for prompt after prompt (cfg.num_images each), so image i of a run is reproduced by
-    the same prompts (in the same order), settings, seed and device."""
-    from t5cache import TextEncoder, default_text_encoder
+    """Prompts -> T5 embeddings (through the text cache training uses) -> stage I (-> stage II) -> PNGs. One
+    generator on the sampling device, seeded once with cfg.seed, draws for prompt after prompt (cfg.num_images
+    each), so image i of a run is reproduced by the same prompts (in the same order), settings, seed and device."""
+    import t5cache
 
     prompts = read_prompts(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    width, height = parse_resolution(cfg.resolution)
+    dtype = torch_dtype("auto", device)
+    sizes = parse_resolutions(cfg.resolution)
+    if len(sizes) != 1:
+        raise ValueError(f"resolution={cfg.resolution!r} names {len(sizes)} sizes; sample.py makes one size per run: "
+                         "use e.g. '64' or '96x64'")
+    ((width, height),) = sizes
     for path in (cfg.lora, cfg.stage2_lora):  # fail before minutes of loading T5
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist; give the .safetensors a training run wrote")
 
-    # T5-XXL is ~9.5 GB in bf16: encode everything, then free it before the U-Nets come in
-    encoder = TextEncoder(default_text_encoder(cfg), max_length=cfg.tokenizer_max_length,
-                          dtype=cfg.text_encoder_dtype, device=device, clean_caption=cfg.clean_caption)
-    text_emb, neg_emb = encoder.encode(prompts), encoder.encode([cfg.negative_prompt])  # [P, L, D], [1, L, D]
-    encoder.free()
+    # the text exactly as training embeds it (same T5, settings and cache); T5-XXL (~9.5 GB in bf16) is loaded only
+    # for prompts not cached yet, and freed before the U-Nets come in
+    cache = t5cache.prepare(cfg, [*prompts, cfg.negative_prompt])
+    text_emb, neg_emb = cache.get(prompts), cache.get([cfg.negative_prompt])  # [P, L, D], [1, L, D]
 
     common = dict(dtype=dtype, device=device, variant=cfg.variant, attention=cfg.attention_mechanism)
     unet1, kw1 = load_unet(cfg.weights, lora=cfg.lora, stage=1, **common)
