@@ -3,7 +3,7 @@
     python train.py configs/i_m.py --max_train_steps=2000
     torchrun --nproc_per_node=8 train.py configs/i_xl.py        # the same config on 8 GPUs
 
-What it does differently from the popular trainers (see IF_REFERENCE.md, section 5):
+What it does differently from the popular trainers (docs/if.md, section 5):
 - the hybrid loss trains the 3 variance channels too, so the stock `learned_range` sampler stays valid;
 - stage II sees the *upsampled, noise-augmented low-res image* (channels 3:6) with its augmentation level as
   the class label, drawn per sample as the original IF trainer did - not the noisy image twice;
@@ -19,10 +19,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ import diffusion
 import lora
 import sample
 import t5cache
-from config import Config, parse_args
+from config import Config, parse_args, stage_of, torch_dtype
 from model import UNet, build
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
         unet, source = build(cfg.unet_config, dtype=dtype, device=device), "random init"
     else:
         unet, source = UNet.from_pretrained(cfg.weights, dtype=dtype, variant=cfg.variant, device=device), cfg.weights
-    stage = 2 if unet.config["in_channels"] == 6 else 1
+    stage = stage_of(unet.config)
     if stage != cfg.stage:
         raise ValueError(f"{source} is a stage {stage} U-Net but the config trains stage {cfg.stage} "
                          f"(model_flavour={cfg.model_flavour!r}): pick a matching model_flavour or weights")
@@ -169,20 +171,9 @@ def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
     return unet.to(memory_format=torch.channels_last), params, source
 
 
-def prepare_text_cache(cfg: Config, rank: int) -> t5cache.TextCache:
-    """Every caption the run can ask for, encoded once; T5 is loaded only if some are missing, then freed."""
-    cache_dir = data.text_cache_dir_from(cfg) or t5cache.default_cache_dir(cfg)
-    wanted = data.all_captions(cfg) + cfg.validation_prompts + [cfg.validation_negative_prompt, ""]
-    if not Path(cache_dir, "index.json").exists() or t5cache.TextCache(cache_dir).missing(wanted):
-        dtype = None if cfg.text_encoder_dtype == "auto" else cfg.text_encoder_dtype
-        t5cache.build_cache(wanted, t5cache.default_text_encoder(cfg), cache_dir, max_length=cfg.tokenizer_max_length,
-                            batch_size=cfg.text_encoder_batch_size, encoder_dtype=dtype, progress=rank == 0)
-    return t5cache.TextCache(cache_dir)
-
-
 def model_inputs(batch: dict, sched, cfg: Config, gen: torch.Generator, rank: int, world: int, device, dtype):
     """Noise the batch. Randomness is drawn for the *global* batch (all ranks alike) and sliced, so N processes
-    see exactly what one process with the whole batch would. Returns x0, noise, t, model input, noise level."""
+    see exactly what one process with the whole batch would. Returns x0, noise, t, model input, x_t, noise level."""
     x0 = batch["pixels"].to(device, torch.float32)
     B = x0.shape[0]
     mine = slice(rank * B, (rank + 1) * B)
@@ -194,15 +185,9 @@ def model_inputs(batch: dict, sched, cfg: Config, gen: torch.Generator, rank: in
         lo, hi = cfg.noise_aug_range
         level = torch.randint(lo, hi, (B * world,), generator=gen, device=device)[mine]
         aug = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=device)[mine]
-        x_in = torch.cat([x_t, low_res_condition(sched, batch["low_res"], x0.shape[-2:], aug, level)], dim=1)
+        low = batch["low_res"].to(device, torch.float32)
+        x_in = torch.cat([x_t, diffusion.low_res_condition(sched, low, x0.shape[-2:], aug, level)], dim=1)
     return x0, noise, t, x_in.to(dtype).contiguous(memory_format=torch.channels_last), x_t, level
-
-
-def low_res_condition(sched, low_res: torch.Tensor, size, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Stage II's channels 3:6: the low-res image upsampled (bilinear, align_corners, as IF's pipeline) to `size`
-    and noised to `level` with the same schedule (x_level = sqrt(abar) up + sqrt(1 - abar) noise)."""
-    up = F.interpolate(low_res.to(noise.device, torch.float32), size=tuple(size), mode="bilinear", align_corners=True)
-    return diffusion.q_sample(sched, up, noise, level)
 
 
 def text_for(captions: list[str], cache, cfg: Config, rnd: random.Random, world: int, rank: int, device, dtype):
@@ -213,48 +198,192 @@ def text_for(captions: list[str], cache, cfg: Config, rnd: random.Random, world:
 
 
 # ---------------------------------------------------------------------------------------------
+# a run: what setup() builds, and the one training step that advances it
+
+
+@dataclass
+class Run:
+    """Everything a training run holds. setup() makes it; train_step, evaluate and the checkpoint functions read it
+    and advance `step`, `nonfinite` and `skipped`, which checkpoints save and a resume restores."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    sched: diffusion.Schedule
+    loader: data.Loader
+    cache: t5cache.TextCache
+    unet: UNet
+    model: torch.nn.Module  # what the forward calls: the U-Net, DDP- and/or compile-wrapped
+    params: list
+    source: str  # where the base weights came from
+    opt: AdamW
+    ema: torch.Tensor | None
+    rngs: dict
+    eval_items: list  # the held-out images (rank 0), for eval_loss
+    metrics: Metrics | None = None  # rank 0
+    step: int = 0
+    nonfinite: int = 0  # steps in a row with a non-finite loss or gradient
+    skipped: int = 0  # all such steps
+
+
+def setup(cfg: Config) -> Run:
+    """Devices and processes, data, text, the model, the optimizer and, with resume_from_checkpoint, their state."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group, so each rank's NCCL context is on its own GPU
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = torch_dtype(cfg.mixed_precision, device)
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+
+    loader = data.make_loader(cfg, rank, world)
+    cache = t5cache.prepare(cfg, t5cache.run_captions(cfg), progress=rank == 0)
+    unet, params, source = setup_model(cfg, device, dtype)
+    check_validation(cfg, unet, loader)
+    eval_items = [loader.items[loader.eval_request(i)] for i in loader.held_out] if rank == 0 else []
+    rngs = {"train": torch.Generator(device).manual_seed(cfg.seed + 1),  # noise, timesteps, augmentation levels
+            "rounding": torch.Generator(device).manual_seed(cfg.seed + 2), "cpu": torch.default_generator,
+            "python": random.Random(cfg.seed)}  # python: caption dropout; the default generators: LoRA dropout
+    if device.type == "cuda":
+        rngs["cuda"] = torch.cuda.default_generators[device.index or 0]
+    opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.adam_weight_decay,
+                cfg.fp32_master, generator=rngs["rounding"])
+    r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
+            opt.flat.clone() if cfg.use_ema else None, rngs, eval_items)
+    resume = find_checkpoint(cfg)
+    if resume is not None:
+        load_checkpoint(resume, r)
+    if rank == 0:
+        r.metrics = Metrics(out, cfg.report_to, resumed_at=r.step if resume is not None else None)
+        if resume is not None:
+            print(f"resumed from {resume} at step {r.step}")
+        print(f"training {sum(p.numel() for p in params):,} parameters ({cfg.model_type}"
+              f"{', DoRA' if cfg.use_dora else ''}{', bitfit' if cfg.use_bitfit else ''}) of {source} in "
+              f"{str(dtype).removeprefix('torch.')} on {world} x {device}")
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        r.model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
+    if cfg.compile:
+        r.model = torch.compile(r.model)
+    return r
+
+
+def train_step(r: Run, batches) -> dict:
+    """One optimizer step: gradient_accumulation_steps micro-batches from `batches`, then the clipped AdamW update,
+    skipped (and counted) when the loss or the gradient is not finite. Advances r.step; returns what the log shows
+    (tensors, so nothing waits for the device until it is logged)."""
+    cfg, n_micro = r.cfg, r.cfg.gradient_accumulation_steps
+    lr, terms = lr_at(r.step, cfg), {"mse": 0.0, "vlb": 0.0}
+    for micro in range(n_micro):
+        batch = next(batches)
+        x0, noise, t, x_in, x_t, level = model_inputs(batch, r.sched, cfg, r.rngs["train"], r.rank, r.world, r.device,
+                                                      r.dtype)
+        text = text_for(batch["captions"], r.cache, cfg, r.rngs["python"], r.world, r.rank, r.device, r.dtype)
+        last = micro == n_micro - 1
+        with r.model.no_sync() if r.world > 1 and not last else contextlib.nullcontext():  # all-reduce once
+            output = r.model(x_in, t, text, noise_level=level)
+            loss, parts = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, loss_type=cfg.loss_type,
+                                                    vlb_weight=cfg.vlb_weight, snr_gamma=cfg.snr_gamma,
+                                                    return_terms=True)
+            (loss.mean() / n_micro).backward()
+        terms = {k: terms[k] + parts[k].mean() / n_micro for k in terms}
+    norm = r.opt.grad_norm()  # of the all-reduced gradient: every rank takes the same decision
+    if torch.isfinite(norm):
+        if cfg.max_grad_norm is not None:
+            r.opt.grad.mul_(torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0))
+        r.opt.step(lr)
+        if r.ema is not None:
+            ema_update(r.ema, r.opt.flat, cfg.ema_decay, r.rngs["rounding"])
+        r.nonfinite = 0
+    else:  # skip the update, keep going; many in a row means something is broken
+        r.nonfinite, r.skipped = r.nonfinite + 1, r.skipped + 1
+        if r.rank == 0:
+            print(f"step {r.step}: non-finite loss or gradient, update skipped ({r.nonfinite} in a row)")
+        if r.nonfinite >= cfg.max_nonfinite_steps:
+            raise RuntimeError(f"{r.nonfinite} steps in a row had a non-finite loss or gradient: lower "
+                               f"learning_rate, set max_grad_norm, or try mixed_precision='fp32' / fp32_master")
+    r.opt.zero_grad()
+    r.step += 1
+    return {"loss": terms["mse"] + cfg.vlb_weight * terms["vlb"], **terms, "lr": lr, "grad_norm": norm}
+
+
+# ---------------------------------------------------------------------------------------------
 # checkpoints: written to a temporary directory, then renamed (a crash never leaves half a checkpoint)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 
 
 def save_weights(unet: UNet, cfg: Config, directory: Path, source: str) -> None:
-    """The trained weights in their final format: a diffusers-loadable LoRA file, or a diffusers unet/ folder."""
-    meta = {"variance_trained": str(cfg.loss_type == "hybrid").lower(), "base_model": source,
-            "stage": str(cfg.stage)}
+    """The trained weights in their final format: a LoRA file diffusers loads (with use_bitfit, plus the trained
+    biases in the file beside it that the LoRA file names, see lora.py), or, for model_type='full' (all weights, or
+    with use_bitfit only the biases), a complete diffusers unet/ + scheduler/ folder that sample.py and diffusers
+    take as the base weights."""
+    variance = diffusion.sampler_variance(cfg.loss_type)
+    meta = {"variance_trained": str(variance == "learned_range").lower(), "base_model": source, "stage": str(cfg.stage)}
     if cfg.model_type == "lora":
-        lora.save_lora(unet, directory / "pytorch_lora_weights.safetensors", metadata=meta)
-    if cfg.use_bitfit:  # bias updates have no place in a LoRA file: a small file of their own
-        from safetensors.torch import save_file
-
-        save_file({n: p.detach().contiguous() for n, p in unet.named_parameters() if n.endswith(".bias")},
-                  str(directory / "bitfit_biases.safetensors"), metadata=meta)
-    if cfg.model_type == "full" and not cfg.use_bitfit:
-        unet.save_pretrained(directory / "unet")
-        scheduler = dict(diffusion.IF_SCHEDULER_CONFIG, sample_max_value=1.5 if cfg.stage == 1 else 1.0,
-                         variance_type="learned_range" if cfg.loss_type == "hybrid" else "fixed_small")
-        (directory / "scheduler").mkdir(exist_ok=True)
-        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+        lora.save_lora(unet, directory / LORA_FILE, metadata=meta, biases=cfg.use_bitfit)
+        return
+    unet.save_pretrained(directory / "unet")
+    (directory / "scheduler").mkdir(exist_ok=True)
+    config = json.dumps(diffusion.scheduler_config(cfg.stage, variance), indent=2)
+    (directory / "scheduler" / "scheduler_config.json").write_text(config)
 
 
-def save_checkpoint(out: Path, step: int, unet, opt: AdamW, ema, loader, rngs: dict, cfg: Config, source: str,
-                    extra: dict) -> Path:
+def _checkpoints(out: Path) -> dict[int, Path]:
+    """step -> the complete checkpoint of that step in `out`. checkpoint-N, or checkpoint-N.old where a crash came
+    between moving the old checkpoint-N aside and renaming its replacement into place (see save_checkpoint);
+    .tmp folders are never complete."""
+    found: dict[int, Path] = {}
+    for p in sorted(out.glob("checkpoint-*"), key=lambda p: p.name.endswith(".old")):  # checkpoint-N first
+        m = re.fullmatch(r"checkpoint-(\d+)(\.old)?", p.name)
+        if m and p.is_dir():
+            found.setdefault(int(m[1]), p)
+    return dict(sorted(found.items()))
+
+
+def save_checkpoint(r: Run) -> Path | None:
+    """Rank 0 writes checkpoint-<step>/: the weights as save_weights writes them, and the training state that a
+    resume needs to continue exactly. Never is there a moment without a complete checkpoint of this step once one
+    existed: an existing checkpoint-N is moved to checkpoint-N.old, the new one renamed into place, then the old
+    one deleted. Then only the newest checkpoints_total_limit are kept."""
+    if r.rank != 0:
+        return None
     from safetensors.torch import save_file
 
-    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for left in r.out.glob("checkpoint-*.tmp"):  # what crashes left: half-written checkpoints go,
+        shutil.rmtree(left, ignore_errors=True)
+    for left in r.out.glob("checkpoint-*.old"):  # and a moved-aside one is put back where its replacement is missing
+        if left.with_suffix("").exists():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            os.replace(left, left.with_suffix(""))
+    final, tmp, old = (r.out / f"checkpoint-{r.step}{suffix}" for suffix in ("", ".tmp", ".old"))
     tmp.mkdir(parents=True)
-    save_weights(unet, cfg, tmp, source)
-    tensors = {f"opt.{k}": v for k, v in opt.state_dict().items()} | {"weights": opt.flat}
-    tensors |= {f"rng.{k}": g.get_state() for k, g in rngs.items() if isinstance(g, torch.Generator)}
-    tensors |= {"ema": ema} if ema is not None else {}
+    save_weights(r.unet, r.cfg, tmp, r.source)
+    tensors = {f"opt.{k}": v for k, v in r.opt.state_dict().items()} | {"weights": r.opt.flat}
+    tensors |= {f"rng.{k}": g.get_state() for k, g in r.rngs.items() if isinstance(g, torch.Generator)}
+    tensors |= {"ema": r.ema} if r.ema is not None else {}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "training_state.safetensors"))
-    state = {"step": step, "data": loader.state_dict(), "python_random": rngs["python"].getstate()} | extra
+    state = {"step": r.step, "data": r.loader.state_dict(), "python_random": r.rngs["python"].getstate(),
+             "nonfinite_steps": r.nonfinite, "skipped_steps": r.skipped}
     (tmp / "training_state.json").write_text(json.dumps(state, default=list))
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)  # atomic: the checkpoint appears whole or not at all
-    done = sorted(out.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit else []:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    done = _checkpoints(r.out)
+    for step in list(done)[: -r.cfg.checkpoints_total_limit] if r.cfg.checkpoints_total_limit else []:
+        shutil.rmtree(done[step], ignore_errors=True)
     return final
 
 
@@ -266,87 +395,125 @@ def find_checkpoint(cfg: Config) -> Path | None:
         if not (path / "training_state.json").is_file():
             raise FileNotFoundError(f"resume_from_checkpoint={path}: not a checkpoint (no training_state.json)")
         return path
-    done = [p for p in Path(cfg.output_dir).glob("checkpoint-[0-9]*") if p.suffix != ".tmp"]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = _checkpoints(Path(cfg.output_dir))
+    return done[max(done)] if done else None
 
 
-def load_checkpoint(path: Path, opt: AdamW, ema, loader, rngs: dict) -> dict:
+def load_checkpoint(path: Path, r: Run) -> None:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "training_state.safetensors"), device=str(opt.flat.device))
-    opt.flat.copy_(tensors["weights"])
-    opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
-    for name, g in rngs.items():
+    tensors = load_file(str(path / "training_state.safetensors"), device=str(r.opt.flat.device))
+    r.opt.flat.copy_(tensors["weights"])
+    r.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
+    for name, g in r.rngs.items():
         if isinstance(g, torch.Generator):
             g.set_state(tensors[f"rng.{name}"].cpu())
-    if ema is not None:
-        ema.copy_(tensors["ema"])
+    if r.ema is not None:
+        r.ema.copy_(tensors["ema"])
     state = json.loads((path / "training_state.json").read_text())
-    loader.load_state_dict(state["data"])
-    rngs["python"].setstate((state["python_random"][0], tuple(state["python_random"][1]), state["python_random"][2]))
-    return state
+    r.loader.load_state_dict(state["data"])
+    version, internal, gauss = state["python_random"]
+    r.rngs["python"].setstate((version, tuple(internal), gauss))
+    r.step, r.nonfinite, r.skipped = state["step"], state.get("nonfinite_steps", 0), state.get("skipped_steps", 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # validation: fixed prompts, sizes, images and seeds, so grids are comparable across steps
 
 
+def validation_sizes(cfg: Config, loader) -> list[tuple[int, int]]:
+    """(width, height) of the validation images: validation_resolution, else the first dataset's resolution."""
+    return data.parse_resolutions(cfg.validation_resolution or loader.datasets[0]["resolution"])
+
+
+def check_validation(cfg: Config, unet: UNet, loader) -> None:
+    """Refuse, before training starts, validation settings that the run's stage cannot honour."""
+    if cfg.stage == 2 and cfg.validation_prompts:
+        raise ValueError("validation_prompts are stage I's (text to image); stage II validation upscales num_eval_"
+                         "images held-out dataset images, with their own captions. Set validation_prompts=[]")
+    if cfg.stage == 1 and cfg.validation_noise_level is not None:
+        raise ValueError("validation_noise_level is stage II's (the low-res input's augmentation); unset it")
+    f = unet.downsample_factor if cfg.stage == 1 else max(unet.downsample_factor, 4)  # stage II: low-res is 1/4
+    for w, h in validation_sizes(cfg, loader) if cfg.validation_steps else []:
+        if w % f or h % f:
+            raise ValueError(f"validation_resolution {w}x{h}: both sides must be multiples of {f} for this U-Net")
+
+
 @torch.no_grad()
-def validate(unet, cfg: Config, cache, eval_items: list[dict], step: int, device, dtype) -> Path:
+def validate(r: Run) -> Path:
+    """Stage I: each validation prompt at each validation size; stage II: each of the first num_eval_images
+    held-out images (low-res | upscaled | original) at each size. The same seed for every image."""
+    cfg, unet, device, dtype = r.cfg, r.unet, r.device, r.dtype
     unet.eval()
-    variance = "learned_range" if cfg.loss_type == "hybrid" else "fixed_small"
-    neg = cache.get([cfg.validation_negative_prompt]).to(device, dtype)
+    variance = diffusion.sampler_variance(cfg.loss_type)
+    kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}  # None: the stage's own
+    neg = r.cache.get([cfg.validation_negative_prompt]).to(device, dtype)
     gen = torch.Generator(device).manual_seed(cfg.validation_seed)
-    images, labels = [], []
+    sizes, images, labels = validation_sizes(cfg, r.loader), [], []
     if cfg.stage == 1:
         for prompt in cfg.validation_prompts:
-            for w, h in data.parse_resolutions(cfg.validation_resolution):
+            for w, h in sizes:
                 gen.manual_seed(cfg.validation_seed)  # the same noise for every prompt: the prompt alone differs
-                x = sample.stage1(unet, cache.get([prompt]).to(device, dtype), neg, height=h, width=w,
-                                  steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance,
-                                  variance=variance, generator=gen)
-                images += sample.to_pil(x)
+                x = sample.stage1(unet, r.cache.get([prompt]).to(device, dtype), neg, height=h, width=w,
+                                  steps=cfg.validation_num_inference_steps, variance=variance, generator=gen, **kw)
+                images += data.to_pil(x)
                 labels.append(f"{prompt} ({w}x{h})")
     else:
-        for item in eval_items:
-            low, (H, W) = item["low_res"][None].to(device, dtype), item["pixels"].shape[-2:]
-            gen.manual_seed(cfg.validation_seed)
-            x = sample.stage2(unet, low, cache.get([item["caption"]]).to(device, dtype), neg, height=H, width=W,
-                              steps=cfg.validation_num_inference_steps, guidance=cfg.stage2_guidance,
-                              noise_level=cfg.noise_level, variance=variance, generator=gen)
-            up = F.interpolate(item["low_res"][None].float(), size=(H, W), mode="nearest")
-            images += sample.to_pil(torch.cat([up, x.float().cpu(), item["pixels"][None].float()]))
-            labels += [f"low-res: {item['caption']}", "upscaled", "original"]
-    path = Path(cfg.output_dir) / "samples" / f"step-{step:06d}.png"
+        if cfg.validation_noise_level is not None:
+            kw["noise_level"] = cfg.validation_noise_level
+        for i in r.loader.eval_order[: cfg.num_eval_images]:
+            for w, h in sizes:
+                item = r.loader.items[r.loader.eval_request(i, (w, h))]
+                gen.manual_seed(cfg.validation_seed)
+                x = sample.stage2(unet, item["low_res"][None].to(device, dtype),
+                                  r.cache.get([item["caption"]]).to(device, dtype), neg, height=h, width=w,
+                                  steps=cfg.validation_num_inference_steps, variance=variance, generator=gen, **kw)
+                up = F.interpolate(item["low_res"][None].float(), size=(h, w), mode="nearest")
+                images += data.to_pil(torch.cat([up, x.float().cpu(), item["pixels"][None].float()]))
+                seen = "held out" if i in r.loader.held_out else "a training image"
+                labels += [f"low-res ({seen}): {item['caption']}", f"upscaled {w}x{h}", "original"]
+    path = r.out / "samples" / f"step-{r.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample.image_grid(images, labels, cols=len(data.parse_resolutions(cfg.validation_resolution))
-                      if cfg.stage == 1 else 3).save(path)
+    data.image_grid(images, labels, cols=len(sizes) if cfg.stage == 1 else 3).save(path)
     unet.train()
     return path
 
 
 @torch.no_grad()
 def eval_loss(unet, items: list[dict], cache, sched, cfg: Config, device, dtype) -> float:
-    """Loss on fixed images at fixed, evenly spread timesteps and fixed noise: a low-variance progress measure."""
+    """Loss on the held-out images at fixed, evenly spread timesteps and fixed noise: a low-variance measure of
+    progress on pictures the run never trains on."""
     unet.eval()
     gen, losses = torch.Generator(device).manual_seed(1234), []
+    level = sample.NOISE_LEVEL if cfg.validation_noise_level is None else cfg.validation_noise_level
     for i, item in enumerate(items):
         x0 = item["pixels"][None].to(device, torch.float32)
         t = torch.tensor([int((i + 0.5) * sched.num_train_timesteps / len(items))], device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         x_t = diffusion.q_sample(sched, x0, noise, t)
-        x_in, level = x_t, None
+        x_in, levels = x_t, None
         if cfg.stage == 2:
-            level, aug = torch.full_like(t, cfg.noise_level), torch.randn(x0.shape, generator=gen, device=device)
-            x_in = torch.cat([x_t, low_res_condition(sched, item["low_res"][None], x0.shape[-2:], aug, level)], 1)
-        out = unet(x_in.to(dtype), t, cache.get([item["caption"]]).to(device, dtype), noise_level=level)
+            levels, aug = torch.full_like(t, level), torch.randn(x0.shape, generator=gen, device=device)
+            low = item["low_res"][None].to(device, torch.float32)
+            x_in = torch.cat([x_t, diffusion.low_res_condition(sched, low, x0.shape[-2:], aug, levels)], 1)
+        out = unet(x_in.to(dtype), t, cache.get([item["caption"]]).to(device, dtype), noise_level=levels)
         losses.append(diffusion.training_losses(sched, out, x0, x_t, t, noise, loss_type=cfg.loss_type,
                                                 vlb_weight=cfg.vlb_weight).item())
     unet.train()
     return sum(losses) / max(1, len(losses))
 
 
+def evaluate(r: Run, grids: bool = True) -> None:
+    """Rank 0: the held-out loss, then (with `grids`) the validation grid."""
+    if r.cfg.validation_loss_images:
+        value = eval_loss(r.unet, r.eval_items, r.cache, r.sched, r.cfg, r.device, r.dtype)
+        r.metrics.write({"step": r.step, "eval_loss": value})
+    if grids and (r.cfg.validation_prompts or r.cfg.stage == 2):
+        r.metrics.image(validate(r), r.step)
+
+
 # ---------------------------------------------------------------------------------------------
+# the run
 
 
 @contextlib.contextmanager
@@ -368,163 +535,77 @@ def main(cfg: Config) -> dict:
 
 
 def run(cfg: Config, stop: list) -> dict:
-    """The whole training run, top to bottom."""
-    # ---- setup ---------------------------------------------------------------------------------
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if cfg.device:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    out = Path(cfg.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
-    sched = diffusion.Schedule()
-    for w, h in data.parse_resolutions(cfg.validation_resolution) if cfg.validation_prompts else []:
-        if w % (8 if cfg.stage == 1 else 16) or h % (8 if cfg.stage == 1 else 16):
-            raise ValueError(f"validation_resolution {w}x{h} is not a multiple of {8 if cfg.stage == 1 else 16}")
-
-    # ---- data and text ---------------------------------------------------------------------------
-    loader = data.make_loader(cfg, rank, world)
-    cache = prepare_text_cache(cfg, rank)
-    n_fixed = max(cfg.num_eval_images if cfg.stage == 2 else 0, cfg.validation_loss_images)
-    fixed = [loader.items[req] for batch in loader.plan(0) for req in batch][:n_fixed]  # the same every run
-
-    # ---- model and optimizer ---------------------------------------------------------------------
-    unet, params, source = setup_model(cfg, device, dtype)
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # noise, timesteps, augmentation levels
-    rngs = {"train": gen, "rounding": torch.Generator(device).manual_seed(cfg.seed + 2), "cpu": torch.default_generator,
-            "python": random.Random(cfg.seed)}  # python: caption dropout; the default generators: LoRA dropout
-    if device.type == "cuda":
-        rngs["cuda"] = torch.cuda.default_generators[device.index or 0]
-    opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.adam_weight_decay,
-                cfg.fp32_master, generator=rngs["rounding"])
-    ema = opt.flat.clone() if cfg.use_ema else None
-    step, nonfinite, skipped_total = 0, 0, 0
-    resume = find_checkpoint(cfg)
-    if resume is not None:
-        state = load_checkpoint(resume, opt, ema, loader, rngs)
-        step, skipped_total = state["step"], state.get("skipped_steps", 0)
-        log(f"resumed from {resume} at step {step}")
-    model = unet
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    if rank == 0:
-        n = sum(p.numel() for p in params)
-        log(f"training {n:,} parameters ({cfg.model_type}{', DoRA' if cfg.use_dora else ''}"
-              f"{', bitfit' if cfg.use_bitfit else ''}) of {source} in {precision} on {world} x {device}")
-
-    def checkpoint():
-        if rank == 0:
-            save_checkpoint(out, step, unet, opt, ema, loader, rngs, cfg, source, {"skipped_steps": skipped_total})
-
-    # ---- the loop --------------------------------------------------------------------------------
+    """The whole training run, top to bottom: set up, train (logging, validating and checkpointing on the way),
+    save the final weights. `stop` is a list that becomes non-empty when the run should checkpoint and return."""
     from tqdm import tqdm
 
-    metrics = Metrics(out, cfg.report_to) if rank == 0 else None
-
-    def evaluate(grids=True):  # rank 0: held-out loss, then validation grids
-        if cfg.validation_loss_images:
-            value = eval_loss(unet, fixed[: cfg.validation_loss_images], cache, sched, cfg, device, dtype)
-            metrics.write({"step": step, "eval_loss": value})
-        if grids and (cfg.validation_prompts or cfg.stage == 2):
-            metrics.image(validate(unet, cfg, cache, fixed[: cfg.num_eval_images], step, device, dtype), step)
-
-    if rank == 0 and step == 0 and cfg.validation_steps:
-        evaluate(grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
-    samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
-    batches, t0, start = iter(loader), time.time(), step
-    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    while step < cfg.max_train_steps and not stop:
-        lr = lr_at(step, cfg)
-        terms = {"mse": 0.0, "vlb": 0.0}
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            x0, noise, t, x_in, x_t, level = model_inputs(batch, sched, cfg, gen, rank, world, device, dtype)
-            text = text_for(batch["captions"], cache, cfg, rngs["python"], world, rank, device, dtype)
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once
-                output = model(x_in, t, text, noise_level=level)
-                loss, parts = diffusion.training_losses(sched, output, x0, x_t, t, noise, loss_type=cfg.loss_type,
-                                                        vlb_weight=cfg.vlb_weight, snr_gamma=cfg.snr_gamma,
-                                                        return_terms=True)
-                (loss.mean() / cfg.gradient_accumulation_steps).backward()
-            terms = {k: terms[k] + parts[k].mean() / cfg.gradient_accumulation_steps for k in terms}
-        norm = opt.grad_norm()  # of the all-reduced gradient: every rank takes the same decision
-        if torch.isfinite(norm):
-            if cfg.max_grad_norm is not None:
-                opt.grad.mul_(torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0))
-            opt.step(lr)
-            if ema is not None:
-                ema_update(ema, opt.flat, cfg.ema_decay, rngs["rounding"])
-            nonfinite = 0
-        else:  # skip the update, keep going; many in a row means something is broken
-            nonfinite, skipped_total = nonfinite + 1, skipped_total + 1
-            log(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
-            if nonfinite >= cfg.max_nonfinite_steps:
-                raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient: lower "
-                                   f"learning_rate, set max_grad_norm, or try mixed_precision='fp32' / fp32_master")
-        opt.zero_grad()
-        step += 1
+    r = setup(cfg)
+    if r.rank == 0 and r.step == 0 and cfg.validation_steps:
+        evaluate(r, grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
+    samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * r.world
+    batches, t0, start = r.loader.stream(), time.time(), r.step
+    bar = tqdm(total=cfg.max_train_steps, initial=r.step, disable=r.rank != 0, dynamic_ncols=True)
+    while r.step < cfg.max_train_steps and not stop:
+        row = train_step(r, batches)
         bar.update(1)
-
-        if rank == 0 and (step % cfg.logging_steps == 0 or step == cfg.max_train_steps):
-            rate = (step - start) * samples_per_step / (time.time() - t0)
-            row = {"step": step, "loss": float(terms["mse"] + cfg.vlb_weight * terms["vlb"]),
-                   "mse": float(terms["mse"]), "vlb": float(terms["vlb"]), "lr": lr, "grad_norm": float(norm),
-                   "samples_per_s": rate, "skipped_steps": skipped_total, "time": time.time() - t0}
-            metrics.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
-        if rank == 0 and cfg.validation_steps and step % cfg.validation_steps == 0:
-            evaluate()
-        if step % cfg.checkpointing_steps == 0 or stop:
-            checkpoint()
+        if r.rank == 0 and (r.step % cfg.logging_steps == 0 or r.step == cfg.max_train_steps):
+            rate = (r.step - start) * samples_per_step / (time.time() - t0)
+            row = {"step": r.step, **{k: float(v) for k, v in row.items()}, "samples_per_s": rate,
+                   "skipped_steps": r.skipped, "time": time.time() - t0}
+            r.metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{rate:.1f}")
+        if r.rank == 0 and cfg.validation_steps and r.step % cfg.validation_steps == 0:
+            evaluate(r)
+        if r.step % cfg.checkpointing_steps == 0 or stop:
+            save_checkpoint(r)
     bar.close()
-    if rank == 0 and not stop and cfg.validation_steps and step % cfg.validation_steps:
-        evaluate()  # the final weights' loss and samples
-    if rank == 0:
-        metrics.close()
+    if r.rank == 0 and not stop and cfg.validation_steps and r.step % cfg.validation_steps:
+        evaluate(r)  # the final weights' loss and samples
+    if r.rank == 0:
+        r.metrics.close()
 
-    # ---- the end ---------------------------------------------------------------------------------
     if stop:
-        log(f"interrupted: checkpoint saved at step {step}; resume with --resume_from_checkpoint=latest")
-        return {"step": step, "interrupted": True}
-    summary = {"step": step}
-    if rank == 0:
-        if ema is not None:
-            opt.flat.copy_(ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
-        save_weights(unet, cfg, out, source)
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
-        summary |= {"seconds": round(time.time() - t0, 1), "peak_memory_gib": round(peak / 2**30, 2),
-                    "samples_per_s": round((step - start) * samples_per_step / (time.time() - t0), 2)}
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
-        log(f"done: {step} steps in {summary['seconds']} s, {summary['samples_per_s']} samples/s, peak memory "
-              f"{summary['peak_memory_gib']} GiB; weights, checkpoints, samples/ and loss.png are in {out}/")
-    if world > 1:
+        if r.rank == 0:
+            print(f"interrupted: checkpoint saved at step {r.step}; resume with --resume_from_checkpoint=latest")
+        return {"step": r.step, "interrupted": True}
+    summary = {"step": r.step}
+    if r.rank == 0:
+        if r.ema is not None:
+            r.opt.flat.copy_(r.ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
+        save_weights(r.unet, cfg, r.out, r.source)
+        seconds = time.time() - t0
+        peak = torch.cuda.max_memory_allocated() if r.device.type == "cuda" else _peak_rss()
+        summary |= {"seconds": round(seconds, 1), "peak_memory_gib": round(peak / 2**30, 2),
+                    "samples_per_s": round((r.step - start) * samples_per_step / seconds, 2)}
+        plot_losses(r.out / "metrics.jsonl", r.out / "loss.png")
+        print(f"done: {r.step} steps in {summary['seconds']} s, {summary['samples_per_s']} samples/s, peak memory "
+              f"{summary['peak_memory_gib']} GiB; weights, checkpoints, samples/ and loss.png are in {r.out}/")
+    if r.world > 1:
         torch.distributed.destroy_process_group()
     return summary
 
 
 class Metrics:
-    """metrics.jsonl (one JSON object per line), and TensorBoard scalars and grids with report_to='tensorboard'."""
+    """metrics.jsonl (one JSON object per line), and TensorBoard scalars and grids with report_to='tensorboard'.
+    A resumed run first drops what the interrupted one logged after its checkpoint (`resumed_at`), so each step is
+    in the log once."""
 
-    def __init__(self, out: Path, report_to: str):
-        self.file, self.tb = open(out / "metrics.jsonl", "a"), None
+    def __init__(self, out: Path, report_to: str, resumed_at: int | None = None):
+        path = out / "metrics.jsonl"
+        if resumed_at is not None and path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            rows = [line for line in lines if json.loads(line)["step"] <= resumed_at]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(rows))
+            os.replace(tmp, path)
+        self.file, self.tb = open(path, "a"), None
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("report_to='tensorboard' needs TensorBoard: pip install tensorboard") from e
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1  # TensorBoard hides events logged after this
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n"), self.file.flush()

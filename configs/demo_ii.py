@@ -35,4 +35,6 @@ noise_aug_range = (0, 500)
 checkpointing_steps = 300
 validation_steps = 300
 num_eval_images = 3
+validation_prompts = []  # stage II validates on held-out pictures (their own captions), not on prompts
+validation_resolution = None  # the dataset's resolution (demo.py's 32,48x32 is stage I's)
 validation_loss_images = 8

@@ -18,5 +18,7 @@ datasets = [dict(datasets[0], resolution=256, minimum_image_size=256, maximum_im
                  target_downsample_size=512)]
 noise_aug_range = (0, 1000)
 output_dir = "output/ii_m"
-validation_resolution = "256"
+validation_resolution = "256"  # the upscaled size; its low-res input is 64 px
+validation_guidance = None  # stage II's own (4), not i_m.py's 7
+validation_prompts = []  # stage II validates on held-out pictures (their own captions), not on prompts
 num_eval_images = 4

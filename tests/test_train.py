@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import diffusion
 import lora
+import sample
 import t5cache
 import train
 from config import Config, load_config
@@ -317,8 +319,16 @@ def test_nonfinite_steps_are_skipped_and_counted(project, tmp_path, monkeypatch)
 
 
 def test_two_gloo_processes_equal_one(project, tmp_path):
-    """Two processes with half the batch each give the weights one process gets (float summation order aside)."""
-    cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100)
+    """Two processes with half the batch each give the weights one process gets, up to float summation order.
+
+    The bound. Both runs see the same samples, noise and timesteps (test_rank_slices_reproduce_the_global_batch);
+    they differ only in the order fp32 sums the gradient (two half-batch sums and an all-reduce vs one sum): a
+    relative difference of a few ulps, |dg| <= ~1e-6 for these gradients (clipped to norm 1). Adam's update
+    lr * m / (sqrt(v) + eps) changes by at most lr * |dg| / eps for a change dg of the gradient; with the default eps
+    (1e-8) a gradient near zero can flip its update by 2 lr, so the test sets eps = 1e-3: then 3 steps move the two
+    runs apart by <= 3 * 1e-3 * 1e-6 / 1e-3 = 3e-6 (the later gradients' dependence on that is smaller still).
+    A wrong split of the batch or of the noise changes the gradients by O(1): the updates then differ by ~lr."""
+    cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100, adam_epsilon=1e-3)
     path = write_config(cfg, tmp_path / "c.py")
     one = run(path, f"--output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
@@ -328,8 +338,11 @@ def test_two_gloo_processes_equal_one(project, tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    torch.manual_seed(cfg.seed)
+    init = train.build(cfg.unet_config).state_dict()
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights by ~lr per step
     moved = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert moved < 1e-5, moved  # Adam steps are ~lr=1e-3: a different batch split would differ by ~1e-3
+    assert moved < 1e-5, moved
 
 
 def test_final_lora_loads_in_diffusers(project, tmp_path):
@@ -395,3 +408,148 @@ def test_real_configs_need_only_weights_and_images(name, project, tmp_path):
     assert meta["base_model"] == str(weights) and meta["stage"] == str(stage)
     assert meta[lora.METADATA_KEY]["unet.r"] == 32
     assert (tmp_path / "out" / "skipped.txt").read_text() == ""  # every picture was used
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: pruning, replacing, what a resume restores
+
+
+def test_pruning_skips_unfinished_checkpoint_folders(project, tmp_path):
+    cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    (Path(cfg.output_dir) / "checkpoint-9.tmp").mkdir(parents=True)  # left by a crash mid-checkpoint
+    assert train.main(cfg)["step"] == 4
+    names = sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*"))
+    assert names == ["checkpoint-3", "checkpoint-4"]  # and the unfinished one is cleared away
+    cfg.resume_from_checkpoint = "latest"
+    assert train.find_checkpoint(cfg).name == "checkpoint-4"
+
+
+def test_replacing_a_checkpoint_never_leaves_none(project, tmp_path, monkeypatch):
+    """A run resumed from an earlier checkpoint writes checkpoint-N again; a crash between moving the old one aside
+    and renaming the new one into place leaves the old one, which a resume then uses."""
+    cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=2, model_type="lora")
+    train.main(cfg)
+    out = Path(cfg.output_dir)
+    before = (out / "checkpoint-4" / "training_state.safetensors").read_bytes()
+    real = os.replace
+
+    def crash(src, dst):
+        if str(src).endswith("checkpoint-4.tmp"):
+            raise OSError("power cut (simulated)")
+        real(src, dst)
+
+    monkeypatch.setattr(train.os, "replace", crash)
+    cfg.resume_from_checkpoint = str(out / "checkpoint-2")
+    with pytest.raises(OSError, match="simulated"):
+        train.main(cfg)
+    monkeypatch.setattr(train.os, "replace", real)
+    cfg.resume_from_checkpoint = "latest"
+    found = train.find_checkpoint(cfg)
+    assert found.name == "checkpoint-4.old"
+    assert (found / "training_state.safetensors").read_bytes() == before  # whole, as it was
+    cfg.max_train_steps = 6
+    assert train.main(cfg)["step"] == 6  # resumes from it; the next save tidies up after the crash
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert (out / "checkpoint-4" / "training_state.safetensors").read_bytes() == before
+
+
+def test_resume_restores_the_nonfinite_streak_and_logs_each_step_once(project, tmp_path, monkeypatch):
+    real, n = diffusion.training_losses, []
+
+    def poisoned(*a, **k):  # steps 3, 4 (before the checkpoint) and 5 (after it) are non-finite
+        loss, terms = real(*a, **k)
+        n.append(1)
+        return (loss * math.nan, terms) if len(n) in (3, 4, 5) else (loss, terms)
+
+    monkeypatch.setattr(diffusion, "training_losses", poisoned)
+    cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=4, max_nonfinite_steps=3)
+    train.main(cfg)
+    cfg.resume_from_checkpoint, cfg.max_train_steps = "latest", 6
+    with pytest.raises(RuntimeError, match="3 steps in a row"):  # 2 before the checkpoint + 1 after
+        train.main(cfg)
+    n.clear()  # all finite now, from checkpoint-4 again: steps 5 and 6 are logged a second time, not twice
+    monkeypatch.setattr(diffusion, "training_losses", real)
+    train.main(cfg)
+    rows = [json.loads(x) for x in open(Path(cfg.output_dir) / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and the held-out loss
+
+
+def test_held_out_images_are_never_trained_on(project, tmp_path):
+    cfg = config(project, tmp_path, validation_loss_images=2)
+    one = data.make_loader(cfg)
+    assert len(one.held_out) == 2
+    for world in (1, 2):
+        for rank in range(world):
+            loader = data.make_loader(cfg, rank, world)
+            assert loader.held_out == one.held_out  # the same pictures whatever the number of processes
+            trained = {req[0] for epoch in range(3) for batch in loader.plan(epoch) for req in batch}
+            assert trained and not trained & set(loader.held_out)
+    assert data.make_loader(config(project, tmp_path, seed=4, validation_loss_images=2)).held_out != one.held_out
+
+
+def test_stage2_validation_uses_the_validation_options(project, tmp_path, monkeypatch):
+    calls = []
+    real = train.sample.stage2
+    monkeypatch.setattr(train.sample, "stage2", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cfg = config(project, tmp_path, stage=2, model_type="lora", max_train_steps=1, validation_steps=1,
+                 validation_resolution="64,96x64", validation_guidance=2.5, validation_noise_level=100,
+                 validation_num_inference_steps=2, num_eval_images=1, validation_loss_images=1)
+    train.main(cfg)
+    assert [(k["width"], k["height"], k["guidance"], k["noise_level"]) for k in calls] == [(64, 64, 2.5, 100),
+                                                                                           (96, 64, 2.5, 100)]
+    assert (Path(cfg.output_dir) / "samples" / "step-000001.png").is_file()
+    with pytest.raises(ValueError, match="validation_prompts are stage I's"):
+        train.main(config(project, tmp_path, stage=2, validation_prompts=["a red square"], validation_steps=1))
+    with pytest.raises(ValueError, match="validation_noise_level is stage II's"):
+        train.main(config(project, tmp_path, validation_noise_level=100, validation_steps=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the outputs hold
+
+
+@pytest.mark.parametrize("model_type", ["lora", "full"])
+def test_bitfit_weights_load_where_sample_py_loads(model_type, project, tmp_path, monkeypatch):
+    """LoRA + bitfit: the biases ride in the LoRA file; bitfit alone (model_type='full'): a whole unet/. Either way
+    sample.load_unet gives the trained U-Net."""
+    cfg = config(project, tmp_path, model_type=model_type, use_bitfit=True, max_train_steps=2, learning_rate=1e-2,
+                 lora_rank=4)
+    seen, real = [], train.save_weights
+
+    def keep(unet, *a):
+        seen.append(unet)
+        real(unet, *a)
+
+    monkeypatch.setattr(train, "save_weights", keep)
+    train.main(cfg)
+    out, trained = Path(cfg.output_dir), seen[-1]
+    if model_type == "lora":
+        torch.manual_seed(cfg.seed)
+        train.build(cfg.unet_config).save_pretrained(tmp_path / "base" / "unet")
+        loaded, _ = sample.load_unet(tmp_path / "base", lora=out / "pytorch_lora_weights.safetensors", device="cpu")
+    else:
+        assert not list(out.glob("*.safetensors"))  # no side file that nothing reads
+        loaded, _ = sample.load_unet(out, device="cpu")
+    x, t, text = torch.randn(1, 3, 32, 32), torch.tensor([500]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        trained.eval()
+        want, got = trained(x, t, text), loaded(x, t, text)
+    torch.manual_seed(cfg.seed)
+    base = train.build(cfg.unet_config).eval()
+    with torch.no_grad():
+        assert (base(x, t, text) - want).abs().max() > 1e-4  # training changed the output
+    # the LoRA is merged into the loaded weights (W + s B A rounded once) but applied on the forward path in the
+    # trained U-Net: equal up to fp32 rounding of that sum through a few layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_embeds_the_text_sampling_embeds(project, tmp_path):
+    """clean_caption reaches the cache training builds (it used to be dropped), so train and sample read one text."""
+    cfg = config(project, tmp_path, clean_caption=True, max_train_steps=1, text_cache_dir=str(tmp_path / "cache"))
+    train.main(cfg)
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())["clean_caption"] is True
