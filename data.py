@@ -60,6 +60,7 @@ DEFAULTS = {
     "prepend_instance_prompt": False,  # caption = f"{instance_prompt} {caption}"
     "repeats": 0,  # extra passes per epoch (SimpleTuner: 0 means each image once)
     "probability": None,  # share of each epoch's batches relative to the others' (1 if unset); none set: by size
+    "held_out": False,  # True: never trained on; its images are the first validation pictures (validation_loss_images)
 }
 CHOICES = {"resolution_type": ("pixel", "area"), "crop_aspect": ("square", "preserve", "closest", "random"),
            "crop_style": ("random", "center", "corner"), "caption_strategy": ("filename", "textfile", "instanceprompt")}
@@ -443,21 +444,24 @@ class Loader:
         entries, self.skipped, self.report = scan(self.datasets, cfg.output_dir, rank == 0)
         self.items = Items(entries, self.datasets, cfg.stage)
         self.multiple, self.max_aspect = 32 if cfg.stage == 2 else 8, cfg.max_aspect_ratio
-        # Validation pictures: one seeded order of every usable image (the same for any rank and world size); the
-        # first validation_loss_images of it are held out, never trained on.
-        self.eval_order = random.Random(f"{cfg.seed}:held-out").sample(range(len(entries)), len(entries))
+        # Validation pictures: one seeded order of every usable image (the same for any rank and world size), those
+        # of held_out datasets first; the first validation_loss_images of it are held out, never trained on.
+        order = random.Random(f"{cfg.seed}:held-out").sample(range(len(entries)), len(entries))
+        self.eval_order = sorted(order, key=lambda i: not self.datasets[entries[i][4]]["held_out"])
         self.held_out = self.eval_order[: cfg.validation_loss_images]
         held = set(self.held_out)
         self.slots = [[] for _ in self.datasets]  # per dataset: [(entry, bucket)], fixed for the whole run
         for i, (_, w, h, _, d) in enumerate(entries):
             ds = self.datasets[d]
-            for _ in range(1 + ds["repeats"]) if i not in held else ():
+            for _ in range(1 + ds["repeats"]) if i not in held and not ds["held_out"] else ():
                 n = len(self.slots[d])
                 a = ds["crop_aspect_buckets"][n % len(ds["crop_aspect_buckets"])] \
                     if crop_aspect_in_effect(ds) == "random" else bucket_aspect(ds, w, h)
                 self.slots[d].append((i, self._bucket(ds, a)))
+        if all(ds["held_out"] for ds in self.datasets):
+            raise ValueError("every dataset has held_out=True: nothing is left to train on")
         for ds, slots in zip(self.datasets, self.slots):
-            if not slots:
+            if not slots and not ds["held_out"]:
                 raise ValueError(f"validation_loss_images={cfg.validation_loss_images} holds out every usable image of "
                                  f"dataset {ds['id']!r}, leaving nothing to train on: lower validation_loss_images")
         g = self.batch_size * world_size
@@ -565,7 +569,8 @@ def _quota(sizes: list[int], probabilities: list) -> list[int]:
     """Batches per epoch for each dataset: its own pass, or its `probability` share of the same total."""
     if all(p is None for p in probabilities):
         return sizes
-    w = [1.0 if p is None else float(p) for p in probabilities]  # SimpleTuner's default probability is 1
+    # SimpleTuner's default probability is 1; a dataset with nothing to train (held_out) gets no share
+    w = [0.0 if n == 0 else 1.0 if p is None else float(p) for n, p in zip(sizes, probabilities)]
     exact = [sum(sizes) * x / sum(w) for x in w]
     q = [int(x) for x in exact]
     for i in sorted(range(len(w)), key=lambda i: q[i] - exact[i])[: sum(sizes) - sum(q)]:

@@ -492,6 +492,16 @@ def test_held_out_images_are_never_trained_on(project, tmp_path):
     assert data.make_loader(config(project, tmp_path, seed=4, validation_loss_images=2)).held_out != one.held_out
 
 
+def test_a_held_out_dataset_gives_the_validation_pictures_and_changes_no_batch(project, tmp_path):
+    plain = config(project, tmp_path)
+    extra = dict(plain.datasets[0], id="spare", held_out=True)
+    both = config(project, tmp_path, datasets=[plain.datasets[0], extra], validation_loss_images=3)
+    a, b = data.make_loader(plain), data.make_loader(both)
+    spare = {i for i, e in enumerate(b.items.entries) if e[4] == 1}
+    assert set(b.held_out) <= spare and len(b.held_out) == 3  # all from the held-out dataset
+    assert [a.plan(e) for e in range(3)] == [b.plan(e) for e in range(3)]  # training sees exactly what it saw
+
+
 def test_stage2_validation_uses_the_validation_options(project, tmp_path, monkeypatch):
     calls = []
     real = train.sample.stage2
