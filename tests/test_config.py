@@ -84,8 +84,9 @@ def test_defaults_are_not_shared():
 
 
 def test_shipped_configs():
-    """Every file in configs/ loads; the per-model ones carry the seed guide's recipe for their stage, need only
-    `pretrained` (default: the flavour's Hub repo) and an image folder, and keep their outputs apart."""
+    """Every file in configs/ loads; the per-model ones carry SimpleTuner's DeepFloyd guide's recipe for their
+    stage, need only `pretrained` (default: the flavour's Hub repo) and an image folder, and keep their outputs
+    apart."""
     from pathlib import Path
 
     from model import FLAVOURS
@@ -107,7 +108,7 @@ def test_shipped_configs():
         res = flavour["resolution"]
         assert (ds["resolution"], ds["resolution_type"], ds["crop"]) == (res, "pixel", True)
         assert (ds["minimum_image_size"], ds["maximum_image_size"], ds["target_downsample_size"]) == \
-            (res, 4 * res, 2 * res)  # the seed's 64 / 256 / 128, scaled to the stage
+            (res, 4 * res, 2 * res)  # the guide's 64 / 256 / 128, scaled to the stage
         assert ds["instance_data_dir"] == "data/my_images"
     assert len(outputs) == len(list(configs.glob("*.py")))
 

@@ -308,7 +308,7 @@ def test_our_file_loads_in_diffusers(tmp_path, dora, via):
         pipe = diffusers.IFPipeline(tokenizer=None, text_encoder=None, unet=ref, scheduler=diffusers.DDPMScheduler(),
                                     safety_checker=None, feature_extractor=None, watermarker=None,
                                     requires_safety_checker=False)
-        pipe.load_lora_weights(tmp_path)  # as the seed's inference snippet does
+        pipe.load_lora_weights(tmp_path)  # as SimpleTuner's DeepFloyd guide's inference snippet does
     else:  # (without use_safetensors=True diffusers reads no metadata and assumes alpha = rank)
         ref.load_lora_adapter(str(path), prefix="unet", use_safetensors=True)
     want = run(ours)
