@@ -137,6 +137,7 @@ class Config:
     logging_steps: int = _opt(10, "append to metrics.jsonl every this many steps")
     report_to: Literal["none", "tensorboard"] = _opt("none", "also log to TensorBoard (if installed)")
     device: str | None = _opt(None, "torch device (None: cuda if available, else cpu)")
+    dry_run: bool = _opt(False, "train.py: estimate memory, FLOPs and time of one real-size step on fake tensors, exit")
 
     # ---- data ------------------------------------------------------------------------------
     datasets: list | str = _opt([], "list of dataset dicts (SimpleTuner's keys) or a multidatabackend.json path")

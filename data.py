@@ -80,6 +80,9 @@ BACKGROUND = (255, 255, 255)  # transparency is composited on white: cut-outs an
 # Bigger images are skipped as decompression bombs. PIL's default, checked explicitly in open_image, so PIL's global
 # Image.MAX_IMAGE_PIXELS is neither relied on nor changed.
 MAX_IMAGE_PIXELS = 89_478_485
+# Bucket sides are multiples of 8 for stage I (IF-I's U-Net halves 64 px three times) and of 32 for stage II, so that
+# its 4x smaller low-res partner is itself a valid stage I size.
+BUCKET_MULTIPLE = {1: 8, 2: 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +120,9 @@ def text_cache_dir_from(cfg: Config) -> str | None:
     return embeds[0].get("cache_dir") if embeds else None
 
 
-def load_datasets(cfg: Config) -> list[dict]:
-    """cfg.datasets (a list of dicts or a multidatabackend.json path) -> checked dicts with DEFAULTS filled in."""
+def load_datasets(cfg: Config, need_images: bool = True) -> list[dict]:
+    """cfg.datasets (a list of dicts or a multidatabackend.json path) -> checked dicts with DEFAULTS filled in.
+    need_images=False accepts a missing instance_data_dir (the dry run needs only the sizes)."""
     from_json = isinstance(cfg.datasets, str)
     raw = _read_backend_json(cfg.datasets) if from_json else cfg.datasets
     out = []
@@ -141,9 +145,9 @@ def load_datasets(cfg: Config) -> list[dict]:
         if ds["minimum_image_size"] is None:
             ds["minimum_image_size"] = ds["resolution"]  # never upsample unless asked to
         folder = ds["instance_data_dir"]
-        if not folder or not Path(folder).is_dir():
+        if need_images and (not folder or not Path(folder).is_dir()):
             raise FileNotFoundError(f"dataset {name!r}: instance_data_dir {folder!r} is not a folder")
-        ds["id"] = str(ds["id"] or Path(folder).name)
+        ds["id"] = str(ds["id"] or Path(folder or name).name)
         for key, allowed in CHOICES.items():
             if ds[key] not in allowed:
                 raise ValueError(f"dataset {ds['id']!r}: {key}={ds[key]!r}; choose one of {allowed}")
@@ -320,6 +324,21 @@ def bucket_size(aspect, resolution, resolution_type="pixel", multiple=8, max_asp
     return w, h
 
 
+def largest_bucket(cfg: Config) -> tuple[int, int]:
+    """(w, h) of the largest bucket (by area) the config's datasets can produce, read from the config alone: the
+    size a memory estimate must plan for. Without datasets: the stage's native square (64 or 256 px)."""
+    stage = cfg.stage
+    datasets = load_datasets(cfg, need_images=False) if cfg.datasets else [{**DEFAULTS, "crop": False,
+                                                                           "resolution": 256 if stage == 2 else 64}]
+    sizes = []
+    for ds in datasets:
+        rule = crop_aspect_in_effect(ds)
+        aspects = {"square": [1.0], "preserve": [1.0, cfg.max_aspect_ratio]}.get(rule, ds["crop_aspect_buckets"])
+        sizes += [bucket_size(a, ds["resolution"], ds["resolution_type"], BUCKET_MULTIPLE[stage], cfg.max_aspect_ratio)
+                  for a in aspects]
+    return max(sizes, key=lambda wh: wh[0] * wh[1])
+
+
 def crop_aspect_in_effect(ds) -> str:
     """ds's crop_aspect, or 'preserve' without crop (the option shapes a crop: see DEFAULTS)."""
     return ds["crop_aspect"] if ds["crop"] else "preserve"
@@ -443,7 +462,7 @@ class Loader:
         self.datasets = load_datasets(cfg)
         entries, self.skipped, self.report = scan(self.datasets, cfg.output_dir, rank == 0)
         self.items = Items(entries, self.datasets, cfg.stage)
-        self.multiple, self.max_aspect = 32 if cfg.stage == 2 else 8, cfg.max_aspect_ratio
+        self.multiple, self.max_aspect = BUCKET_MULTIPLE[cfg.stage], cfg.max_aspect_ratio
         # Validation pictures: one seeded order of every usable image (the same for any rank and world size), those
         # of held_out datasets first; the first validation_loss_images of it are held out, never trained on.
         order = random.Random(f"{cfg.seed}:held-out").sample(range(len(entries)), len(entries))
