@@ -66,15 +66,20 @@ class AdamW:
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ValueError(f"all trainable parameters must share one dtype, got {dtypes}")
-        # each parameter keeps its memory layout (channels_last conv weights stay channels_last)
-        in_memory_order = [p.detach().as_strided((p.numel(),), (1,)) for p in self.params]
-        self.flat = torch.cat(in_memory_order)
+        # Parameters become views of the flat buffer, copied in one by one so that each old tensor is freed as soon as
+        # it is copied: the weights never exist twice over (8 GiB more at IF-I-XL size). Each keeps its memory layout
+        # (channels_last conv weights stay channels_last).
+        p0 = self.params[0]
+        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
+        offsets = [0]
+        for p in self.params:
+            n = p.numel()
+            self.flat[offsets[-1] : offsets[-1] + n].copy_(p.detach().as_strided((n,), (1,)))  # in memory order
+            p.data = self.flat.as_strided(p.shape, p.stride(), offsets[-1])
+            offsets.append(offsets[-1] + n)
         self.grad = torch.zeros_like(self.flat)
-        offset = 0
-        for p in self.params:  # parameters and gradients become views: backward accumulates into self.grad
-            p.data = self.flat.as_strided(p.shape, p.stride(), offset)
+        for p, offset in zip(self.params, offsets):  # backward accumulates into self.grad through these views
             p.grad = self.grad.as_strided(p.shape, p.stride(), offset)
-            offset += p.numel()
         self.rounded = self.flat.dtype == torch.bfloat16 and not fp32_master
         self.master = self.flat.float() if self.flat.dtype != torch.float32 and fp32_master else None
         state_dtype = self.flat.dtype if self.rounded else torch.float32
@@ -86,7 +91,11 @@ class AdamW:
         self.grad.zero_()
 
     def grad_norm(self) -> torch.Tensor:
-        return torch.linalg.vector_norm(self.grad, dtype=torch.float32)
+        """The global L2 norm in fp32, chunk by chunk: one vector_norm(dtype=fp32) of a bf16 buffer makes a whole fp32
+        copy of it on the CPU (17 GB for IF-I-XL's gradient)."""
+        parts = [torch.linalg.vector_norm(self.grad[i : i + self.CHUNK], dtype=torch.float32)
+                 for i in range(0, self.grad.numel(), self.CHUNK)]
+        return torch.linalg.vector_norm(torch.stack(parts))
 
     @torch.no_grad()
     def step(self, lr: float | None = None) -> None:
@@ -227,6 +236,7 @@ class Run:
     step: int = 0
     nonfinite: int = 0  # steps in a row with a non-finite loss or gradient
     skipped: int = 0  # all such steps
+    dry: bool = False  # a dry run's fake tensors have no values: its loss counts as finite
 
 
 def setup(cfg: Config) -> Run:
@@ -298,7 +308,7 @@ def train_step(r: Run, batches) -> dict:
             (loss.mean() / n_micro).backward()
         terms = {k: terms[k] + parts[k].mean() / n_micro for k in terms}
     norm = r.opt.grad_norm()  # of the all-reduced gradient: every rank takes the same decision
-    if torch.isfinite(norm):
+    if r.dry or torch.isfinite(norm):
         if cfg.max_grad_norm is not None:
             r.opt.grad.mul_(torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0))
         r.opt.step(lr)
@@ -530,6 +540,8 @@ def stop_on_signals():
 
 
 def main(cfg: Config) -> dict:
+    if cfg.dry_run:
+        return dry_run(cfg)
     with stop_on_signals() as stop:
         return run(cfg, stop)
 
@@ -583,6 +595,112 @@ def run(cfg: Config, stop: list) -> dict:
     if r.world > 1:
         torch.distributed.destroy_process_group()
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the dry run: train_step at real size on fake tensors, counted by memory.py
+
+
+class _ZeroText:
+    """The text cache's stand-in: zeros of T5's output shape [B, L, D] (bf16, as the cache stores them)."""
+
+    def __init__(self, length: int, dim: int):
+        self.length, self.dim = length, dim
+
+    def get(self, captions: list[str]) -> torch.Tensor:
+        return torch.zeros(len(captions), self.length, self.dim, dtype=torch.bfloat16)
+
+
+def _materialise(module: torch.nn.Module) -> dict[int, torch.nn.Parameter]:
+    """Give every parameter and buffer of a meta-device `module` zeroed storage of its dtype, shape and strides
+    (under FakeTensorMode: fake storage), keeping requires_grad. Returns {id(old parameter): new parameter}.
+    (module.to_empty() is refused under fake mode, and module.to() cannot swap fake parameters.)"""
+    new = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                fresh = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).zero_()
+                m._parameters[name] = new[id(p)] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype).zero_()
+    return new
+
+
+def estimate_step(cfg: Config, fake: bool = True) -> dict:
+    """One training step of `cfg` at its real size, counted by memory.LiveBytes and FlopCounterMode. The U-Net comes
+    from the config (unet_config, else the flavour's), the batch is at the largest bucket the datasets can produce,
+    the text at tokenizer_max_length; setup_model and train_step are the functions a real run uses. fake=True runs it
+    on fake tensors (no memory, no GPU, no weights, images or T5); fake=False on real zeroed CPU tensors, which is how
+    tests check the fake count. Returns the counts (memory_estimate.json's keys)."""
+    import dataclasses
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import memory
+    from model import FLAVOURS
+
+    cfg = dataclasses.replace(cfg, unet_config=cfg.unet_config or FLAVOURS[cfg.model_flavour]["config"], compile=False)
+    # planned for a GPU with bf16 (Ampere or newer), where mixed_precision="auto" means bf16
+    dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
+    (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps
+    unet, params, _ = setup_model(cfg, torch.device("meta"), dtype)
+    with FakeTensorMode() if fake else contextlib.nullcontext(), memory.LiveBytes() as live, \
+            FlopCounterMode(display=False) as flops:
+        fresh = _materialise(unet)
+        params = [fresh[id(p)] for p in params]
+        opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                    cfg.adam_weight_decay, cfg.fp32_master)
+        ema = opt.flat.clone() if cfg.use_ema else None
+        text = _ZeroText(cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or unet.config["cross_attention_dim"])
+        rngs = {"train": torch.Generator(), "rounding": torch.Generator(), "python": random.Random(cfg.seed)}
+        r = Run(cfg, 0, 1, torch.device("cpu"), dtype, Path(cfg.output_dir), diffusion.Schedule(), None, text, unet,
+                unet, params, "", opt, ema, rngs, [], dry=True)
+        # where the peak falls: the hooks label the phases of the step as it runs
+        unet.register_forward_pre_hook(lambda *_: setattr(live, "phase", "forward"))
+        unet.register_forward_hook(lambda *_: setattr(live, "phase", "loss and backward"))
+        done = []
+
+        def after_backward(_):
+            done.append(1)
+            if len(done) == n_micro * len(params):
+                live.phase = "gradient norm, clipping and the optimizer step"
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(after_backward)
+        batch = {"pixels": torch.zeros(B, 3, h, w), "captions": [""] * B}
+        if cfg.stage == 2:
+            batch["low_res"] = torch.zeros(B, 3, h // 4, w // 4)
+        train_step(r, iter([batch] * n_micro))
+        frozen = [t for t in [*unet.parameters(), *unet.buffers()] if not t.requires_grad]
+        parts = live.breakdown({"weights": frozen, "trainable": [opt.flat], "grads": [opt.grad],
+                                "optimizer": [opt.exp_avg, opt.exp_avg_sq, opt.master], "ema": [ema]})
+    return {"peak_bytes": live.peak, "peak_phase": live.peak_phase, **{f"{k}_bytes": v for k, v in parts.items()},
+            "flops_per_step": flops.get_total_flops(), "samples_per_step": B * n_micro, "resolution": [w, h],
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def dry_run(cfg: Config) -> dict:
+    """`python train.py CONFIG --dry_run`: estimate_step on fake tensors, printed with the GPU verdicts and written to
+    {output_dir}/memory_estimate.json."""
+    import memory
+
+    est = estimate_step(cfg)
+    est |= {"allowance": memory.ALLOWANCE, "sustained_share": memory.SUSTAINED,
+            "gpus": memory.gpu_table(est["peak_bytes"], est["flops_per_step"], est["samples_per_step"])}
+    (w, h), what = est["resolution"], "unet_config" if cfg.unet_config else cfg.model_flavour
+    kind = cfg.model_type + (" + DoRA" if cfg.use_dora else "") + (" + bitfit" if cfg.use_bitfit else "")
+    title = (f"dry run: {what} {kind}, batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} at {w}x{h} "
+             f"(the largest bucket), {est['dtype']}, gradient_checkpointing={cfg.gradient_checkpointing}")
+    parts = {k.removesuffix("_bytes"): v for k, v in est.items() if k.endswith("_bytes") and k != "peak_bytes"}
+    print(memory.report(title, est["peak_bytes"], est["peak_phase"], parts, est["flops_per_step"],
+                        est["samples_per_step"]))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_estimate.json").write_text(json.dumps(est, indent=2) + "\n")
+    print(f"written: {out / 'memory_estimate.json'}")
+    return est
 
 
 class Metrics:
