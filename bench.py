@@ -5,6 +5,7 @@
     python bench.py --only=lora,sample --out=bench.json
     python bench.py --only=lora --rounds=3                 # ours and the reference alternate 3 times
     python bench.py --table=bench.json                     # print a saved (or interrupted) run's table again
+    python bench.py --estimate --out=estimate.json         # predicted GPU memory of every flavour and job (no GPU)
 
 Every measurement runs in a fresh subprocess, so peak memory is honest. Timed parts repeat after a warm-up and
 report medians; with --rounds=N each row runs N times, ours and the reference in turn, and reports the medians
@@ -156,6 +157,98 @@ def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, 
         result["tflops"] = counter.get_total_flops() / result["step_s"] / 1e12
         result["mfu"] = result["tflops"] * 1e12 / peak_flops if peak_flops else None
     return result
+
+
+def estimate(stack, flavour, mode, batch, size, ckpt, rank=32) -> dict:
+    """The predicted peak of live tensors and the FLOPs of one bf16 training step at real size, counted on fake
+    tensors (memory.py): ours through train.estimate_step (the real setup_model and train_step), the reference as
+    diffusers' UNet2DConditionModel (+ peft LoRA on the same targets) with torch.optim.AdamW (foreach, as on CUDA)
+    and the same loss. Nothing is allocated or downloaded, so it runs in this process."""
+    import config
+    import diffusion
+    import lora
+    import memory
+    import model
+    import train
+
+    square = {"instance_data_dir": "-", "resolution": size, "crop": True, "crop_aspect": "square"}
+    cfg = config.Config(model_flavour=flavour, model_type=mode, lora_rank=rank, train_batch_size=batch,
+                        gradient_checkpointing=ckpt, mixed_precision="bf16", output_dir=tempfile.gettempdir(),
+                        datasets=[square])
+    if stack == "ours":
+        est = train.estimate_step(cfg)
+        return {"peak_gib": est["peak_bytes"] / memory.GiB, "tflop": est["flops_per_step"] / 1e12,
+                "peak_phase": est["peak_phase"]}
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**model.FLAVOURS[flavour]["config"])
+    if mode == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora.DEFAULT_TARGETS)))
+    unet.to(torch.bfloat16)  # peft makes its adapters fp32 on the meta device; a real run casts them with the rest
+    if ckpt:
+        unet.enable_gradient_checkpointing()  # diffusers has one mode (its resnets), for "attention" and "full" alike
+    unet.train()
+    with FakeTensorMode(), memory.LiveBytes() as live, FlopCounterMode(display=False) as flops:
+        train._materialise(unet)
+        sched = diffusion.Schedule()
+        opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, foreach=True)
+        x0 = noise = torch.zeros(batch, 3, size, size)
+        t, text = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 77, 4096, dtype=torch.bfloat16)
+        x_t = diffusion.q_sample(sched, x0, noise, t)
+        x_in, level = (x_t, None) if cfg.stage == 1 else (torch.cat([x_t, x0], 1), t)
+        live.phase = "forward"
+        out = unet(x_in.to(torch.bfloat16), t, text, class_labels=level).sample
+        live.phase = "loss and backward"
+        diffusion.training_losses(sched, out, x0, x_t, t, noise).mean().backward()
+        live.phase = "optimizer step"
+        opt.step()
+    return {"peak_gib": live.peak / memory.GiB, "tflop": flops.get_total_flops() / 1e12, "peak_phase": live.peak_phase}
+
+
+def estimate_rows() -> list[dict]:
+    """The five flavours x {LoRA r32, full fine-tune} x {no checkpointing, "attention", "full"}, at the seed
+    guide's settings: stage I batch 4 at 64 px, stage II batch 1 and 4 at 256 px; ours and the reference."""
+    import model
+
+    rows = []
+    for flavour, spec in model.FLAVOURS.items():
+        size = spec["resolution"]
+        for batch in (4,) if size == 64 else (1, 4):
+            for mode in ("lora", "full"):
+                for ckpt in (False, "attention", "full"):
+                    print(f"estimate {flavour} {mode} b{batch} ckpt={ckpt} ...", file=sys.stderr, flush=True)
+                    kw = dict(flavour=flavour, mode=mode, batch=batch, size=size, ckpt=ckpt)
+                    ours = estimate("ours", **kw)
+                    try:
+                        ref = estimate("reference", **kw)
+                    except ImportError:  # diffusers/peft are test-only dependencies
+                        ref = None
+                    rows.append({**kw, "ours": ours, "reference": ref})
+    return rows
+
+
+def print_estimates(rows: list[dict]) -> None:
+    """Markdown: per job, the predicted peak (ours vs reference) and the smallest common card that holds it."""
+    import memory
+
+    def smallest(gib):
+        ok = sorted({m for m, _ in memory.GPUS.values() if memory.fits(gib * memory.GiB, m)[0]})
+        return f"{ok[0]} GB" if ok else "none listed"
+
+    print("| U-Net | job | checkpointing | ours: peak | reference: peak | ours / ref | ours fits from | TFLOP/step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o, ref = r["ours"], r["reference"]
+        job = f"{'LoRA r32' if r['mode'] == 'lora' else 'full fine-tune'}, b{r['batch']}, {r['size']} px"
+        ref_txt, ratio = ("-", "-") if not ref else (f"{ref['peak_gib']:.1f} GiB",
+                                                    f"{o['peak_gib'] / ref['peak_gib']:.2f}x")
+        print(f"| {r['flavour']} | {job} | {r['ckpt'] or 'off'} | {o['peak_gib']:.1f} GiB | {ref_txt} | {ratio} | "
+              f"{smallest(o['peak_gib'])} | {o['tflop']:.1f} |")
 
 
 def case_sample(stack, flavour, batch, height, width, steps, dtype, device, repeat=2):
@@ -344,7 +437,15 @@ def main(argv: list[str]) -> None:
     args = {"only": None, "flavour": "i-medium-400m", "device": "cuda" if torch.cuda.is_available() else "cpu",
             "out": "bench.json", "attention": "sdpa", "rounds": "1"}
     if len(argv) == 1 and argv[0].startswith("--table="):  # print a saved run's table again (e.g. for the README)
-        return print_table(json.loads(Path(argv[0].split("=", 1)[1]).read_text()))
+        saved = json.loads(Path(argv[0].split("=", 1)[1]).read_text())
+        return print_estimates(saved["estimates"]) if "estimates" in saved else print_table(saved)
+    if argv and argv[0] == "--estimate":  # predicted memory at real size, on fake tensors (no GPU, no weights)
+        out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), "estimate.json")
+        rows = estimate_rows()
+        Path(out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                         "command": "python bench.py " + " ".join(argv), "estimates": rows}, indent=2))
+        print_estimates(rows)
+        return print(f"\nwritten to {out}")
     for a in argv:
         key, _, value = a.lstrip("-").partition("=")
         if Path(a).is_file():  # a training config: its flavour and attention kernel
