@@ -193,8 +193,8 @@ def estimate(stack, flavour, mode, batch, size, ckpt, rank=32) -> dict:
     if ckpt:
         unet.enable_gradient_checkpointing()  # diffusers has one mode (its resnets), for "attention" and "full" alike
     unet.train()
-    with FakeTensorMode(), memory.LiveBytes() as live, FlopCounterMode(display=False) as flops:
-        train._materialise(unet)
+    with FakeTensorMode(), memory.LiveBytes() as live, FlopCounterMode(display=False) as flops, memory.no_cyclic_gc():
+        memory.materialise(unet)
         sched = diffusion.Schedule()
         opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, foreach=True)
         x0 = noise = torch.zeros(batch, 3, size, size)

@@ -111,9 +111,10 @@ class Schedule:
 
 
 def _at(sched: Schedule, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """table[t] shaped [B, 1, 1, 1] to broadcast against `like` ([B, C, H, W])."""
-    t = t.to(like.device) if isinstance(t, torch.Tensor) else t
-    return sched.get(name, like.device)[t].reshape(-1, *[1] * (like.ndim - 1))
+    """table[t] shaped [B, 1, 1, 1] to broadcast against `like` ([B, C, H, W]); t is [B], 0-d or an int. (index_select,
+    not table[t]: a 0-d index tensor would be read on the host, which fake tensors of the dry run cannot do.)"""
+    t = torch.as_tensor(t, device=like.device).reshape(-1)
+    return sched.get(name, like.device).index_select(0, t).reshape(-1, *[1] * (like.ndim - 1))
 
 
 def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:

@@ -15,6 +15,8 @@ kernels allocate inside themselves (e.g. SDPA's workspace). ALLOWANCE is what th
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import weakref
 
 import torch
@@ -58,7 +60,8 @@ class LiveBytes(TorchDispatchMode):
         weakref.finalize(storage, self._free, key)
         if self.now > self.peak:
             self.peak, self.peak_phase = self.now, self.phase
-            self._at_peak = frozenset(serial for serial, _ in self.live.values())
+            # dict.copy() first: a finalizer run by the garbage collector must not change the dict mid-iteration
+            self._at_peak = frozenset(serial for serial, _ in self.live.copy().values())
 
     def _free(self, key: int) -> None:
         self.now -= self.live.pop(key)[1]
@@ -81,6 +84,37 @@ class LiveBytes(TorchDispatchMode):
             out[name] = sum(n for serial, n in held if serial in self._at_peak)
         out["activations"] = self.peak - sum(out.values())
         return out
+
+
+def materialise(module: torch.nn.Module) -> dict[int, torch.nn.Parameter]:
+    """Give every parameter and buffer of a meta-device `module` zeroed storage of its dtype, shape and strides
+    (under FakeTensorMode: fake storage), keeping requires_grad. Returns {id(old parameter): new parameter}.
+    (module.to_empty() is refused under fake mode, and module.to() cannot swap fake parameters.)"""
+    new = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                fresh = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).zero_()
+                m._parameters[name] = new[id(p)] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype).zero_()
+    return new
+
+
+@contextlib.contextmanager
+def no_cyclic_gc():
+    """Pause Python's cyclic garbage collector. Some tensors of a step (in the recompute machinery) are freed only when
+    a collection happens to run, which depends on how many Python objects were made, far more on fake tensors than on
+    real ones. Paused, they live until the step no longer needs them: a count under it is the most they can hold, an
+    upper bound that fake and real tensors agree on to the byte."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def fits(peak_bytes: int, memory_gb: float) -> tuple[bool, float]:

@@ -205,6 +205,66 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
 
 
 # ---------------------------------------------------------------------------------------------
+# what sampling costs, before a GPU is rented (train.py --dry_run prints it)
+
+
+def _t5_config(cfg):
+    """The T5's config.json where one can be read without weights (a local folder), else T5 v1.1 XXL's, IF's."""
+    from transformers import T5Config
+
+    from t5cache import default_text_encoder
+
+    try:
+        folder = Path(default_text_encoder(cfg))
+    except (FileNotFoundError, ValueError):
+        folder = Path("-")
+    for candidate in (folder / "text_encoder", folder):
+        if (candidate / "config.json").is_file():
+            return T5Config.from_pretrained(candidate)
+    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+
+
+def estimate(cfg, unet_config: dict) -> dict:
+    """Predicted peak of live tensors (bf16) of what sample.py does with this U-Net, on fake tensors: T5 encoding
+    text_encoder_batch_size prompts, then one sampler step of cfg.num_images images with guidance at the stage's
+    size (stage I: `resolution`; stage II: 4x it), whose FLOPs times the configured steps is the run's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5EncoderModel
+
+    import memory
+
+    stage, dtype, n = stage_of(unet_config), torch.bfloat16, cfg.num_images
+    ((w, h),) = parse_resolutions(cfg.resolution)[:1]
+    if stage == 2:
+        w, h = 4 * w, 4 * h
+    steps = (cfg.steps or 100) if stage == 1 else cfg.stage2_steps
+    with torch.device("meta"):
+        t5 = T5EncoderModel(_t5_config(cfg)).to(dtype)
+        unet = UNet(unet_config).to(dtype)
+    out = {}
+    with FakeTensorMode(), torch.no_grad():
+        with memory.LiveBytes() as live:
+            memory.materialise(t5)
+            ids = torch.zeros(cfg.text_encoder_batch_size, cfg.tokenizer_max_length, dtype=torch.long)
+            t5(ids, attention_mask=torch.ones_like(ids))
+        out["t5_peak_bytes"] = live.peak
+        del t5
+        with memory.LiveBytes() as live, FlopCounterMode(display=False) as flops:
+            memory.materialise(unet)
+            emb = torch.zeros(n, cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or 4096, dtype=dtype)
+            gen = torch.Generator()
+            if stage == 1:
+                stage1(unet, emb, emb[:1], height=h, width=w, steps=1, generator=gen)
+            else:
+                stage2(unet, torch.zeros(n, 3, h // 4, w // 4), emb, emb[:1], height=h, width=w, steps=1, generator=gen)
+        out |= {"unet_peak_bytes": live.peak, "flops": flops.get_total_flops() * steps, "steps": steps,
+                "images": n, "size": [w, h], "stage": stage}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 

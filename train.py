@@ -611,22 +611,6 @@ class _ZeroText:
         return torch.zeros(len(captions), self.length, self.dim, dtype=torch.bfloat16)
 
 
-def _materialise(module: torch.nn.Module) -> dict[int, torch.nn.Parameter]:
-    """Give every parameter and buffer of a meta-device `module` zeroed storage of its dtype, shape and strides
-    (under FakeTensorMode: fake storage), keeping requires_grad. Returns {id(old parameter): new parameter}.
-    (module.to_empty() is refused under fake mode, and module.to() cannot swap fake parameters.)"""
-    new = {}
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                fresh = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).zero_()
-                m._parameters[name] = new[id(p)] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
-        for name, b in m._buffers.items():
-            if b is not None:
-                m._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype).zero_()
-    return new
-
-
 def estimate_step(cfg: Config, fake: bool = True) -> dict:
     """One training step of `cfg` at its real size, counted by memory.LiveBytes and FlopCounterMode. The U-Net comes
     from the config (unet_config, else the flavour's), the batch is at the largest bucket the datasets can produce,
@@ -647,8 +631,8 @@ def estimate_step(cfg: Config, fake: bool = True) -> dict:
     (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps
     unet, params, _ = setup_model(cfg, torch.device("meta"), dtype)
     with FakeTensorMode() if fake else contextlib.nullcontext(), memory.LiveBytes() as live, \
-            FlopCounterMode(display=False) as flops:
-        fresh = _materialise(unet)
+            FlopCounterMode(display=False) as flops, memory.no_cyclic_gc():
+        fresh = memory.materialise(unet)
         params = [fresh[id(p)] for p in params]
         opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
                     cfg.adam_weight_decay, cfg.fp32_master)
@@ -696,6 +680,17 @@ def dry_run(cfg: Config) -> dict:
     parts = {k.removesuffix("_bytes"): v for k, v in est.items() if k.endswith("_bytes") and k != "peak_bytes"}
     print(memory.report(title, est["peak_bytes"], est["peak_phase"], parts, est["flops_per_step"],
                         est["samples_per_step"]))
+    from model import FLAVOURS
+
+    sampling = sample.estimate(cfg, cfg.unet_config or FLAVOURS[cfg.model_flavour]["config"])
+    seconds = {g: sampling["flops"] / (tf * 1e12 * memory.SUSTAINED) for g, (_, tf) in memory.GPUS.items() if tf}
+    w, h = sampling["size"]
+    print(f"sample.py with this U-Net: peak {sampling['unet_peak_bytes'] / memory.GiB:.2f} GiB for {sampling['images']}"
+          f" image(s) at {w}x{h} with guidance, {sampling['flops'] / 1e12:.1f} TFLOP for {sampling['steps']} steps "
+          f"(~{seconds['RTX 4090']:.1f} s on an RTX 4090, ~{seconds['H100 SXM']:.1f} s on an H100); T5 encoding "
+          f"{cfg.text_encoder_batch_size} prompts at a time: peak {sampling['t5_peak_bytes'] / memory.GiB:.2f} GiB "
+          f"(T5 is freed before the U-Net loads)")
+    est["sampling"] = sampling
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_estimate.json").write_text(json.dumps(est, indent=2) + "\n")
