@@ -611,6 +611,20 @@ class _ZeroText:
         return torch.zeros(len(captions), self.length, self.dim, dtype=torch.bfloat16)
 
 
+def unet_config_of(cfg: Config) -> dict:
+    """The U-Net config a run would build, without its weights: unet_config, else the unet/config.json of a local
+    `pretrained` folder, else the flavour's (model.FLAVOURS; for a Hub id, nothing is downloaded)."""
+    from model import FLAVOURS
+
+    if cfg.unet_config is not None:
+        return cfg.unet_config
+    folder = Path(cfg.weights)
+    for f in (folder / "unet" / "config.json", folder / "config.json"):
+        if f.is_file() and "block_out_channels" in (found := json.loads(f.read_text())):
+            return found
+    return FLAVOURS[cfg.model_flavour]["config"]
+
+
 def estimate_step(cfg: Config, fake: bool = True) -> dict:
     """One training step of `cfg` at its real size, counted by memory.LiveBytes and FlopCounterMode. The U-Net comes
     from the config (unet_config, else the flavour's), the batch is at the largest bucket the datasets can produce,
@@ -623,9 +637,8 @@ def estimate_step(cfg: Config, fake: bool = True) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     import memory
-    from model import FLAVOURS
 
-    cfg = dataclasses.replace(cfg, unet_config=cfg.unet_config or FLAVOURS[cfg.model_flavour]["config"], compile=False)
+    cfg = dataclasses.replace(cfg, unet_config=unet_config_of(cfg), compile=False)
     # planned for a GPU with bf16 (Ampere or newer), where mixed_precision="auto" means bf16
     dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
     (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps
@@ -673,16 +686,15 @@ def dry_run(cfg: Config) -> dict:
     est = estimate_step(cfg)
     est |= {"allowance": memory.ALLOWANCE, "sustained_share": memory.SUSTAINED,
             "gpus": memory.gpu_table(est["peak_bytes"], est["flops_per_step"], est["samples_per_step"])}
-    (w, h), what = est["resolution"], "unet_config" if cfg.unet_config else cfg.model_flavour
+    what = "unet_config" if cfg.unet_config else cfg.weights
+    (w, h) = est["resolution"]
     kind = cfg.model_type + (" + DoRA" if cfg.use_dora else "") + (" + bitfit" if cfg.use_bitfit else "")
     title = (f"dry run: {what} {kind}, batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} at {w}x{h} "
              f"(the largest bucket), {est['dtype']}, gradient_checkpointing={cfg.gradient_checkpointing}")
     parts = {k.removesuffix("_bytes"): v for k, v in est.items() if k.endswith("_bytes") and k != "peak_bytes"}
     print(memory.report(title, est["peak_bytes"], est["peak_phase"], parts, est["flops_per_step"],
                         est["samples_per_step"]))
-    from model import FLAVOURS
-
-    sampling = sample.estimate(cfg, cfg.unet_config or FLAVOURS[cfg.model_flavour]["config"])
+    sampling = sample.estimate(cfg, unet_config_of(cfg))
     seconds = {g: sampling["flops"] / (tf * 1e12 * memory.SUSTAINED) for g, (_, tf) in memory.GPUS.items() if tf}
     w, h = sampling["size"]
     print(f"sample.py with this U-Net: peak {sampling['unet_peak_bytes'] / memory.GiB:.2f} GiB for {sampling['images']}"
