@@ -15,13 +15,10 @@ kernels allocate inside themselves (e.g. SDPA's workspace). ALLOWANCE is what th
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 GiB = 2**30
 # What the counted peak leaves out, as the verdicts budget it: a fixed part (CUDA context, cuBLAS/cuDNN workspaces)
@@ -68,9 +65,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        # an op returns a tensor, or a tuple/list of tensors (and Nones); walked here by hand, because pytree's
+        # tree_flatten leaves a reference cycle behind at every call, garbage that only the cyclic collector frees
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self._track(t)
+            elif isinstance(t, (tuple, list)):
+                for u in t:
+                    if isinstance(u, torch.Tensor):
+                        self._track(u)
         return out
 
     def breakdown(self, groups: dict[str, list]) -> dict[str, int]:
@@ -100,21 +103,6 @@ def materialise(module: torch.nn.Module) -> dict[int, torch.nn.Parameter]:
             if b is not None:
                 m._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype).zero_()
     return new
-
-
-@contextlib.contextmanager
-def no_cyclic_gc():
-    """Pause Python's cyclic garbage collector. Some tensors of a step (in the recompute machinery) are freed only when
-    a collection happens to run, which depends on how many Python objects were made, far more on fake tensors than on
-    real ones. Paused, they live until the step no longer needs them: a count under it is the most they can hold, an
-    upper bound that fake and real tensors agree on to the byte."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def fits(peak_bytes: int, memory_gb: float) -> tuple[bool, float]:

@@ -251,14 +251,17 @@ def estimate(cfg, unet_config: dict) -> dict:
             t5(ids, attention_mask=torch.ones_like(ids))
         out["t5_peak_bytes"] = live.peak
         del t5
-        with memory.LiveBytes() as live, FlopCounterMode(display=False) as flops:
-            memory.materialise(unet)
-            emb = torch.zeros(n, cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or 4096, dtype=dtype)
-            gen = torch.Generator()
-            if stage == 1:
-                stage1(unet, emb, emb[:1], height=h, width=w, steps=1, generator=gen)
-            else:
-                stage2(unet, torch.zeros(n, 3, h // 4, w // 4), emb, emb[:1], height=h, width=w, steps=1, generator=gen)
+        memory.materialise(unet)
+        emb = torch.zeros(n, cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or 4096, dtype=dtype)
+        low = torch.zeros(n, 3, h // 4, w // 4)
+        live, flops = memory.LiveBytes(), FlopCounterMode(display=False)
+        for counter in (live, flops):  # apart: FlopCounterMode keeps tensors alive a little longer
+            with counter:
+                if stage == 1:
+                    stage1(unet, emb, emb[:1], height=h, width=w, steps=1, generator=torch.Generator())
+                else:
+                    stage2(unet, low, emb, emb[:1], height=h, width=w, steps=1, generator=torch.Generator())
+        live.peak += sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers(), emb, low])
         out |= {"unet_peak_bytes": live.peak, "flops": flops.get_total_flops() * steps, "steps": steps,
                 "images": n, "size": [w, h], "stage": stage}
     return out

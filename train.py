@@ -625,12 +625,14 @@ def unet_config_of(cfg: Config) -> dict:
     return FLAVOURS[cfg.model_flavour]["config"]
 
 
-def estimate_step(cfg: Config, fake: bool = True) -> dict:
-    """One training step of `cfg` at its real size, counted by memory.LiveBytes and FlopCounterMode. The U-Net comes
-    from the config (unet_config, else the flavour's), the batch is at the largest bucket the datasets can produce,
-    the text at tokenizer_max_length; setup_model and train_step are the functions a real run uses. fake=True runs it
-    on fake tensors (no memory, no GPU, no weights, images or T5); fake=False on real zeroed CPU tensors, which is how
-    tests check the fake count. Returns the counts (memory_estimate.json's keys)."""
+def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
+    """One training step of `cfg` at its real size, its live tensors counted by memory.LiveBytes, its FLOPs by
+    FlopCounterMode (in a second pass: FlopCounterMode's bookkeeping keeps tensors alive a little longer, which the
+    count would see). The U-Net comes from unet_config_of(cfg), the batch is at the largest bucket the datasets can
+    produce, the text at tokenizer_max_length; setup_model and train_step are the functions a real run uses.
+    fake=True runs on fake tensors (no memory, no GPU, no weights, images or T5); fake=False on real zeroed CPU
+    tensors, which is how tests check the fake count; flops=False skips the FLOP pass. Returns the counts
+    (memory_estimate.json's keys)."""
     import dataclasses
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -642,40 +644,46 @@ def estimate_step(cfg: Config, fake: bool = True) -> dict:
     # planned for a GPU with bf16 (Ampere or newer), where mixed_precision="auto" means bf16
     dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
     (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps
-    unet, params, _ = setup_model(cfg, torch.device("meta"), dtype)
-    with FakeTensorMode() if fake else contextlib.nullcontext(), memory.LiveBytes() as live, \
-            FlopCounterMode(display=False) as flops, memory.no_cyclic_gc():
-        fresh = memory.materialise(unet)
-        params = [fresh[id(p)] for p in params]
-        opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
-                    cfg.adam_weight_decay, cfg.fp32_master)
-        ema = opt.flat.clone() if cfg.use_ema else None
-        text = _ZeroText(cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or unet.config["cross_attention_dim"])
-        rngs = {"train": torch.Generator(), "rounding": torch.Generator(), "python": random.Random(cfg.seed)}
-        r = Run(cfg, 0, 1, torch.device("cpu"), dtype, Path(cfg.output_dir), diffusion.Schedule(), None, text, unet,
-                unet, params, "", opt, ema, rngs, [], dry=True)
-        # where the peak falls: the hooks label the phases of the step as it runs
-        unet.register_forward_pre_hook(lambda *_: setattr(live, "phase", "forward"))
-        unet.register_forward_hook(lambda *_: setattr(live, "phase", "loss and backward"))
-        done = []
 
-        def after_backward(_):
-            done.append(1)
-            if len(done) == n_micro * len(params):
-                live.phase = "gradient norm, clipping and the optimizer step"
+    def one_step(counter, live=None) -> dict:
+        unet, params, _ = setup_model(cfg, torch.device("meta"), dtype)
+        with FakeTensorMode() if fake else contextlib.nullcontext(), counter:
+            fresh = memory.materialise(unet)
+            params = [fresh[id(p)] for p in params]
+            opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                        cfg.adam_weight_decay, cfg.fp32_master)
+            ema = opt.flat.clone() if cfg.use_ema else None
+            dim = unet.config["encoder_hid_dim"] or unet.config["cross_attention_dim"]
+            rngs = {"train": torch.Generator(), "rounding": torch.Generator(), "python": random.Random(cfg.seed)}
+            r = Run(cfg, 0, 1, torch.device("cpu"), dtype, Path(cfg.output_dir), diffusion.Schedule(), None,
+                    _ZeroText(cfg.tokenizer_max_length, dim), unet, unet, params, "", opt, ema, rngs, [], dry=True)
+            if live is not None:  # where the peak falls: hooks label the phases of the step as it runs
+                unet.register_forward_pre_hook(lambda *_: setattr(live, "phase", "forward"))
+                unet.register_forward_hook(lambda *_: setattr(live, "phase", "loss and backward"))
+                norm = opt.grad_norm
 
-        for p in params:
-            p.register_post_accumulate_grad_hook(after_backward)
-        batch = {"pixels": torch.zeros(B, 3, h, w), "captions": [""] * B}
-        if cfg.stage == 2:
-            batch["low_res"] = torch.zeros(B, 3, h // 4, w // 4)
-        train_step(r, iter([batch] * n_micro))
-        frozen = [t for t in [*unet.parameters(), *unet.buffers()] if not t.requires_grad]
-        parts = live.breakdown({"weights": frozen, "trainable": [opt.flat], "grads": [opt.grad],
-                                "optimizer": [opt.exp_avg, opt.exp_avg_sq, opt.master], "ema": [ema]})
+                def grad_norm():  # called once backward is over
+                    live.phase = "gradient norm, clipping and the optimizer step"
+                    return norm()
+
+                opt.grad_norm = grad_norm
+            batch = {"pixels": torch.zeros(B, 3, h, w), "captions": [""] * B}
+            if cfg.stage == 2:
+                batch["low_res"] = torch.zeros(B, 3, h // 4, w // 4)
+            train_step(r, iter([batch] * n_micro))
+            if live is None:
+                return {}
+            frozen = [t for t in [*unet.parameters(), *unet.buffers()] if not t.requires_grad]
+            return live.breakdown({"weights": frozen, "trainable": [opt.flat], "grads": [opt.grad],
+                                   "optimizer": [opt.exp_avg, opt.exp_avg_sq, opt.master], "ema": [ema]})
+
+    live, counter = memory.LiveBytes(), FlopCounterMode(display=False)
+    parts = one_step(live, live)
+    if flops:
+        one_step(counter)
     return {"peak_bytes": live.peak, "peak_phase": live.peak_phase, **{f"{k}_bytes": v for k, v in parts.items()},
-            "flops_per_step": flops.get_total_flops(), "samples_per_step": B * n_micro, "resolution": [w, h],
-            "dtype": str(dtype).removeprefix("torch.")}
+            "flops_per_step": counter.get_total_flops() if flops else None, "samples_per_step": B * n_micro,
+            "resolution": [w, h], "dtype": str(dtype).removeprefix("torch.")}
 
 
 def dry_run(cfg: Config) -> dict:

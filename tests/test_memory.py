@@ -50,7 +50,7 @@ CASES = [("lora", False, 1), ("lora", "attention", 1), ("lora", "full", 1), ("fu
 @pytest.mark.parametrize("kind,checkpointing,stage", CASES)
 def test_fake_step_counts_what_the_real_step_keeps(kind, checkpointing, stage, tmp_path):
     """The same train_step on fake and on real CPU tensors: the fake count of live bytes is the real one, to 1%
-    (to the byte on the machines tried: outputs' sizes follow from shapes, and the collector is paused in both)."""
+    (to the byte on the machines tried: every op's outputs have the sizes their shapes give)."""
     cfg = Config(unet_config=tiny(stage), model_type="full" if kind in ("full", "bitfit") else "lora",
                  use_dora=kind == "dora", use_bitfit=kind == "bitfit", lora_rank=4,
                  gradient_checkpointing=checkpointing, train_batch_size=2, tokenizer_max_length=7,
@@ -96,10 +96,10 @@ unet = dict(json.loads(sys.argv[1]), block_out_channels=[64, 128, 256], attentio
             encoder_hid_dim=256, cross_attention_dim=256, norm_num_groups=32)
 cfg = Config(unet_config=unet, model_type="lora", train_batch_size=8, mixed_precision="fp32", output_dir="-",
              datasets=[{"instance_data_dir": "-", "resolution": 64, "crop": True, "crop_aspect": "square"}])
-train.estimate_step(cfg, fake=True)  # imports and first-call caches are not the step's
+train.estimate_step(cfg, fake=True, flops=False)  # imports and first-call caches are not the step's
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS (VmHWM)
 base = status("VmRSS")
-live = train.estimate_step(cfg, fake=False)["peak_bytes"]
+live = train.estimate_step(cfg, fake=False, flops=False)["peak_bytes"]
 print(json.dumps({"live": live, "rss": status("VmHWM") - base}))
 """
 
@@ -108,7 +108,8 @@ print(json.dumps({"live": live, "rss": status("VmHWM") - base}))
 def test_counted_peak_is_what_the_process_holds(tmp_path):
     """The live-bytes peak of a real CPU step against the process's peak RSS over its baseline, with glibc told to
     return large blocks at once (bench.py's setting). RSS also holds the allocator's bookkeeping and the CPU
-    kernels' scratch buffers: measured at +20 to +30 MiB on a 350-800 MiB step, hence 5% + 32 MiB."""
+    kernels' scratch buffers: measured at +20 to +40 MiB on steps of 220 to 760 MiB (LoRA in each checkpointing
+    mode, full), hence a margin of 5% + 48 MiB."""
     import os
     import subprocess
     import sys
@@ -124,4 +125,4 @@ def test_counted_peak_is_what_the_process_holds(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["live"] > 200 * 2**20  # a step big enough for the margin to mean something
-    assert got["live"] <= got["rss"] <= 1.05 * got["live"] + 32 * 2**20, got
+    assert got["live"] <= got["rss"] <= 1.05 * got["live"] + 48 * 2**20, got
