@@ -6,6 +6,7 @@
     python bench.py --only=lora --rounds=3                 # ours and the reference alternate 3 times
     python bench.py --table=bench.json                     # print a saved (or interrupted) run's table again
     python bench.py --estimate --out=estimate.json         # predicted GPU memory of every flavour and job (no GPU)
+    python bench.py --device=cuda --smoke                  # does everything run? (smoke_rows); exits 1 if not
 
 Every measurement runs in a fresh subprocess, so peak memory is honest. Timed parts repeat after a warm-up and
 report medians; with --rounds=N each row runs N times, ours and the reference in turn, and reports the medians
@@ -15,11 +16,19 @@ over rounds (on a shared machine a slow spell then slows both sides, not one). P
 the live tensors (training rows only: it makes both stacks' CPU steps about a third slower). Each row has ours,
 the reference, and `*_ratio` = ours / reference. Random weights of the real configs (model.FLAVOURS): nothing is
 downloaded. Without diffusers/peft installed, only our numbers are reported.
+
+The smoke run trains every mode for two steps on tiny U-Nets through train.main (data, text cache, loop,
+validation, checkpoint, final save), eager and compiled, then samples from what they wrote, then on a GPU measures
+one real-size step of three IF models next to the dry run's predicted peak. Each row prints ok, skipped or FAILED
+with its losses or its error. `--device=cpu --smoke` takes 20 s on two cores with inductor's cache warm, about
+2 minutes cold (its one compiled row).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -93,8 +102,10 @@ def _unets(stack: str, flavour: str, device, dtype, tmp: Path | None = None):
 # the cases
 
 
-def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, attention, rank=32, repeat=3):
-    """One optimizer step: forward, the hybrid loss, backward, AdamW."""
+def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, attention, rank=32, repeat=3,
+               warmup=None):
+    """One optimizer step: forward, the hybrid loss, backward, AdamW. `warmup` untimed steps (None: 1 on the CPU,
+    3 on a GPU) come after the first step, then `repeat` timed ones."""
     import config
     import diffusion
     import lora
@@ -143,7 +154,8 @@ def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, 
 
     step()  # allocates gradients and optimizer state
     base = _memory_reset(device)
-    times = _timed(step, device, warmup=1 if device.type == "cpu" else 3, repeat=repeat)
+    warmup = (1 if device.type == "cpu" else 3) if warmup is None else warmup
+    times = _timed(step, device, warmup=warmup, repeat=repeat)
     peak = _memory_peak(device)
     result = {"step_s": statistics.median(times), "samples_per_s": batch / statistics.median(times),
               "peak_mib": (peak if device.type == "cuda" else peak - base) / 2**20,
@@ -184,29 +196,35 @@ def estimate(stack, flavour, mode, batch, size, ckpt, rank=32) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**model.FLAVOURS[flavour]["config"])
-    if mode == "lora":
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora.DEFAULT_TARGETS)))
-    unet.to(torch.bfloat16)  # peft makes its adapters fp32 on the meta device; a real run casts them with the rest
-    if ckpt:
-        unet.enable_gradient_checkpointing()  # diffusers has one mode (its resnets), for "attention" and "full" alike
-    unet.train()
-    with FakeTensorMode(), memory.LiveBytes() as live, FlopCounterMode(display=False) as flops, memory.no_cyclic_gc():
-        memory.materialise(unet)
-        sched = diffusion.Schedule()
-        opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, foreach=True)
-        x0 = noise = torch.zeros(batch, 3, size, size)
-        t, text = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 77, 4096, dtype=torch.bfloat16)
-        x_t = diffusion.q_sample(sched, x0, noise, t)
-        x_in, level = (x_t, None) if cfg.stage == 1 else (torch.cat([x_t, x0], 1), t)
-        live.phase = "forward"
-        out = unet(x_in.to(torch.bfloat16), t, text, class_labels=level).sample
-        live.phase = "loss and backward"
-        diffusion.training_losses(sched, out, x0, x_t, t, noise).mean().backward()
-        live.phase = "optimizer step"
-        opt.step()
+    def one_step(counter, live=None) -> None:  # memory and FLOPs in separate passes, as train.estimate_step
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**model.FLAVOURS[flavour]["config"])
+        if mode == "lora":
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora.DEFAULT_TARGETS)))
+        unet.to(torch.bfloat16)  # peft makes its adapters fp32 on the meta device; a real run casts them with the rest
+        if ckpt:
+            unet.enable_gradient_checkpointing()  # diffusers has one mode (its resnets), for "attention" and "full"
+        unet.train()
+        label = (lambda phase: setattr(live, "phase", phase)) if live is not None else (lambda phase: None)
+        with FakeTensorMode(), counter:
+            memory.materialise(unet)
+            sched = diffusion.Schedule()
+            opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, foreach=True)
+            x0 = noise = torch.zeros(batch, 3, size, size)
+            t, text = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 77, 4096, dtype=torch.bfloat16)
+            x_t = diffusion.q_sample(sched, x0, noise, t)
+            x_in, level = (x_t, None) if cfg.stage == 1 else (torch.cat([x_t, x0], 1), t)
+            label("forward")
+            out = unet(x_in.to(torch.bfloat16), t, text, class_labels=level).sample
+            label("loss and backward")
+            diffusion.training_losses(sched, out, x0, x_t, t, noise).mean().backward()
+            label("optimizer step")
+            opt.step()
+
+    live, flops = memory.LiveBytes(), FlopCounterMode(display=False)
+    one_step(live, live)
+    one_step(flops)
     return {"peak_gib": live.peak / memory.GiB, "tflop": flops.get_total_flops() / 1e12, "peak_phase": live.peak_phase}
 
 
@@ -343,18 +361,30 @@ CASES = {"train": case_train, "sample": case_sample, "t5": case_t5, "data": case
 # the driver
 
 
-def measure(case: str, **kw) -> dict | None:
-    """Run one case in a fresh interpreter; None when it failed (e.g. diffusers missing)."""
+def run_case(case: str, timeout: float | None = None, **kw) -> tuple[dict | None, list[str]]:
+    """Run one case in a fresh interpreter: (its result, []), or (None, the last lines of what it printed to stderr)
+    when it failed or ran past `timeout` seconds."""
     env = dict(os.environ)
     if case == "train":  # peak RSS must follow live tensors; this slows both stacks' CPU steps alike
         env |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     cmd = [sys.executable, __file__, "--_case=" + json.dumps({"case": case, **kw})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, [f"timed out after {timeout:.0f} s"]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
-        print(f"  {case} {kw}: failed\n    " + "\n    ".join(proc.stderr.strip().splitlines()[-3:]), file=sys.stderr)
-        return None
-    return json.loads(lines[-1][7:])
+        return None, proc.stderr.strip().splitlines()[-3:] or [f"exit code {proc.returncode}, no result"]
+    return json.loads(lines[-1][7:]), []
+
+
+def measure(case: str, **kw) -> dict | None:
+    """run_case, for the tables: None when it failed (e.g. diffusers missing), with its error on stderr."""
+    result, error = run_case(case, **kw)
+    if result is None:
+        print(f"  {case} {kw}: failed\n    " + "\n    ".join(error), file=sys.stderr)
+    return result
 
 
 def merge(runs: list[dict | None]) -> dict | None:
@@ -433,12 +463,345 @@ def print_table(report: dict) -> None:
         print(f"| {row['name']} | {fmt(row['ours'])}{extra} | {fmt(row['reference'])} | {rs or '-'} |")
 
 
+# ---------------------------------------------------------------------------------------------
+# the smoke run: every training mode for two steps on tiny U-Nets, the sampler, then one real-size step (a GPU)
+
+# The training modes as Config keys; "bitfit" alone is a full fine-tune of the biases only, as train.py runs it
+KINDS = {"lora": dict(model_type="lora"), "dora": dict(model_type="lora", use_dora=True),
+         "lora+bitfit": dict(model_type="lora", use_bitfit=True), "full": dict(model_type="full"),
+         "bitfit": dict(model_type="full", use_bitfit=True)}
+SMOKE_BUDGET_S = 540  # no real-size row starts (or runs on) past this: the whole GPU smoke stays under 10 minutes
+SMOKE_PROMPT = "a red square"  # a training caption, so it is in the text cache the rows build
+
+
+def tiny_unet(stage: int) -> dict:
+    """The smallest U-Net with every part of IF's: FiLM resnets, a down- and an upsampler, cross-attention in the
+    second level and the middle, the text projection (from the tiny T5's 32 dims). Stage II's takes its 6 input
+    channels and the low-res image's noise level as the class label, as IF-II-M/L do."""
+    config = dict(
+        block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, in_channels=3, out_channels=6,
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=32, encoder_hid_dim_type="text_proj",
+        cross_attention_dim=64, addition_embed_type="text", addition_embed_type_num_heads=4,
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8, cross_attention_norm="group_norm")
+    if stage == 2:
+        config.update(in_channels=6, class_embed_type="timestep", time_embedding_act_fn="gelu",
+                      resnet_skip_time_act=True, resnet_out_scale_factor=1.4142271248762552,
+                      mid_block_scale_factor=1.4142271248762552)
+    return config
+
+
+def smoke_rows(device: str) -> list[dict]:
+    """The training rows of the smoke run: a covering set, not the product of the axes. Every stage, mode,
+    checkpointing mode and attention kernel appears at least once; torch.compile appears with each mode and each
+    checkpointing mode, and each compiled row has its eager twin (the same row uncompiled) to compare with:
+
+        stage  mode         checkpointing  attention  compiled
+        I      lora         False          sdpa       and eager
+        I      dora         "attention"    sdpa       and eager
+        I      full         "full"         math       and eager
+        II     bitfit       "attention"    sdpa       and eager
+        II     lora+bitfit  "full"         math       eager
+        II     full         False          sdpa       eager
+        I      lora         "attention"    xformers   eager (CUDA with xformers installed; else reported skipped)
+
+    mixed_precision is bf16 on CUDA, fp32 on the CPU. On the CPU only the first row is compiled: inductor needs
+    1.5-2 minutes of two cores for it from a cold cache (15-30 s warm), and 2-4 minutes for each of the other three
+    (they pass there too)."""
+    rows = [dict(stage=1, kind="lora", ckpt=False, attention="sdpa"),
+            dict(stage=1, kind="dora", ckpt="attention", attention="sdpa"),
+            dict(stage=1, kind="full", ckpt="full", attention="math"),
+            dict(stage=2, kind="bitfit", ckpt="attention", attention="sdpa"),
+            dict(stage=2, kind="lora+bitfit", ckpt="full", attention="math"),
+            dict(stage=2, kind="full", ckpt=False, attention="sdpa"),
+            dict(stage=1, kind="lora", ckpt="attention", attention="xformers")]
+    compiled = rows[:4] if device == "cuda" else rows[:1]
+    return [{**r, "compile": False} for r in rows] + [{**r, "compile": True} for r in compiled]
+
+
+def row_name(row: dict) -> str:
+    return (f"{'I' if row['stage'] == 1 else 'II'} {row['kind']}, ckpt={row['ckpt']}, {row['attention']}, "
+            f"{'compiled' if row['compile'] else 'eager'}")
+
+
+def _row_dir(root: Path, row: dict) -> Path:
+    return root / "runs" / "".join(c if c.isalnum() else "-" for c in row_name(row))
+
+
+def smoke_project(root: Path) -> None:
+    """Eight pictures in two aspect ratios (two buckets) with .txt captions, and a tiny T5 that knows them."""
+    from PIL import Image
+
+    import t5cache
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (240, 240, 240)}
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(8):
+        name = list(colours)[i % 4]
+        Image.new("RGB", (64, 64) if i % 2 else (96, 64), colours[name]).save(root / "images" / f"{i}.png")
+        (root / "images" / f"{i}.txt").write_text(f"a {name} square\n")
+    t5cache.make_tiny_t5(root / "t5", [f"a {c} square" for c in colours] + [""])
+
+
+def smoke_config(root: Path, row: dict, device: str):
+    """The tiny run of `row`: 2 steps of batch 2 with a checkpoint at step 2, validation (samples and held-out
+    loss) at steps 0 and 2, the final save, and every step's loss in metrics.jsonl."""
+    from config import Config
+
+    stage = row["stage"]
+    res = 32 if stage == 1 else 64  # stage II's low-res partners are 16 px
+    valid = dict(validation_prompts=[SMOKE_PROMPT]) if stage == 1 else dict(num_eval_images=1)
+    return Config(
+        unet_config=tiny_unet(stage), model_flavour="i-medium-400m" if stage == 1 else "ii-medium-450m",
+        **KINDS[row["kind"]], lora_rank=4, gradient_checkpointing=row["ckpt"], attention_mechanism=row["attention"],
+        compile=row["compile"], mixed_precision="bf16" if device == "cuda" else "fp32", device=device,
+        text_encoder=str(root / "t5"), text_cache_dir=str(root / "cache"), output_dir=str(_row_dir(root, row)),
+        datasets=[{"id": "smoke", "instance_data_dir": str(root / "images"), "caption_strategy": "textfile",
+                   "resolution": res, "minimum_image_size": 32}],
+        dataloader_num_workers=0, train_batch_size=2, max_train_steps=2, checkpointing_steps=2, logging_steps=1,
+        learning_rate=1e-3, lr_scheduler="constant", seed=3, validation_steps=2, validation_num_inference_steps=2,
+        validation_loss_images=1, **valid)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+# The compiled run's first step against its eager twin's (same config and seed: the same batch, noise, timesteps and
+# initial weights, so only the arithmetic differs): its loss and its gradient norm. Measured on the CPU, inductor
+# against eager on the rows a GPU compiles: in fp32 they agree to 4e-7 (inductor fuses and reorders sums, a few ulps
+# per op), so 1e-4 for both. In bf16 eager rounds every op's output to bf16 where inductor keeps fused pointwise
+# chains in fp32: the loss moved by up to 4e-4, the gradient norm by up to 4e-3 (stage I rows; inductor's CPU code
+# for the stage II one does not build in bf16); a GPU fuses the same way around the same cuDNN/cuBLAS kernels, so
+# 3e-3 and 3e-2 leave a margin of 7. A random U-Net's loss is a poor detector (its output is small next to the
+# noise it is scored against): dropping every attention output moves it by 0.6-0.9%, dropping the FiLM scale and
+# shift by 0.5-1.3%, a wrong head split by 0.04-0.06%; the gradient norm moves by 100%, 0.005-8% and 1-2.5%. So fp32
+# catches all three and bf16 the first two, not the head split: finer checks of the compiled graph (every gradient,
+# in fp32) are tests/test_compile.py's.
+COMPILE_RTOL = {"fp32": {"loss": 1e-4, "grad_norm": 1e-4}, "bf16": {"loss": 3e-3, "grad_norm": 3e-2}}
+
+
+def smoke_train(root: Path, row: dict, device: str) -> dict:
+    """One training row through train.main: its losses, or the error that stopped it (one line). Output (train.py's
+    progress, prints and warnings) goes to the row's log.txt."""
+    import contextlib
+
+    import torch._dynamo
+
+    import train
+    from config import torch_dtype
+
+    cfg = smoke_config(root, row, device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"name": row_name(row), "row": row, "status": "ok", "detail": "", "steps": []}
+    if row["attention"] == "xformers" and (device != "cuda" or importlib.util.find_spec("xformers") is None):
+        return result | {"status": "skipped", "detail": "xformers needs CUDA and `pip install xformers`"}
+    try:
+        with open(out / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            # a fresh compile per row: none recompiles on guards that another row left (nor, past the recompile
+            # limit, silently runs eager)
+            torch._dynamo.reset()
+            summary = train.main(cfg)
+        if summary.get("interrupted"):  # Ctrl-C: train.main saved and returned; the smoke run stops too
+            raise KeyboardInterrupt
+        steps = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]  # not the eval_loss rows
+        result["steps"] = [{"loss": r["loss"], "grad_norm": r["grad_norm"]} for r in steps]
+        final = out / (train.LORA_FILE if cfg.model_type == "lora" else "unet")
+        missing = [p.name for p in (final, out / "checkpoint-2", out / "samples" / "step-000002.png") if not p.exists()]
+        if summary["step"] != 2 or missing:
+            raise RuntimeError(f"ran {summary['step']} steps; missing {missing}")
+        if cfg.model_type == "lora":  # the base it trained on, for the sampler rows (setup_model's seeded init)
+            import dataclasses
+
+            base_cfg = dataclasses.replace(cfg, model_type="full", use_dora=False, use_bitfit=False,
+                                           attention_mechanism="sdpa")
+            unet, _, _ = train.setup_model(base_cfg, torch.device("cpu"), torch_dtype(cfg.mixed_precision, device))
+            unet.save_pretrained(out / "base" / "unet")
+        bad = [r["step"] for r in steps if not math.isfinite(r["loss"]) or r["skipped_steps"]]
+        losses, norms = (", ".join(f"{r[k]:{f}}" for r in steps) for k, f in (("loss", ".6f"), ("grad_norm", ".4g")))
+        result["detail"] = f"loss {losses}; grad norm {norms}"
+        if bad:
+            result |= {"status": "FAILED", "detail": result["detail"] + f"; non-finite loss or gradient at steps {bad}"}
+    except Exception as e:
+        import traceback
+
+        with open(out / "log.txt", "a") as log:  # the whole story where the one line points
+            traceback.print_exc(file=log)
+        result |= {"status": "FAILED", "detail": one_line(e) + f" (log: {out / 'log.txt'})"}
+    return result
+
+
+def compare_compiled(results: list[dict], device: str) -> None:
+    """Flag (as FAILED) each compiled row whose first step's loss or gradient norm is off its eager twin's by more
+    than COMPILE_RTOL."""
+    rtol = COMPILE_RTOL["bf16" if device == "cuda" else "fp32"]
+    eager = {json.dumps({**r["row"], "compile": None}): r for r in results if "row" in r and not r["row"]["compile"]}
+    for r in results:
+        if "row" not in r or not r["row"]["compile"] or r["status"] != "ok":
+            continue
+        twin = eager.get(json.dumps({**r["row"], "compile": None}))
+        if twin is None or twin["status"] != "ok":
+            r |= {"status": "FAILED", "detail": r["detail"] + "; no eager twin to compare with"}
+            continue
+        for key, tol in rtol.items():
+            a, b = r["steps"][0][key], twin["steps"][0][key]
+            rel = abs(a - b) / max(abs(b), 1e-12)
+            r["detail"] += f"; first {key} vs eager: {rel:.1e} relative (tolerance {tol:.0e})"
+            if not rel <= tol:  # a NaN fails too
+                r["status"] = "FAILED"
+                r["detail"] += " MISMATCH"
+
+
+def smoke_sample(root: Path, results: list[dict], device: str):
+    """The sampler on what the rows trained: sample.main's cascade (stage I -> II) on the two full fine-tunes, and
+    the LoRA files loaded onto their bases (sample.load_unet) through sample.cascade, whose images must be finite."""
+    import contextlib
+
+    import sample
+    import t5cache
+    import train
+    from config import Config
+
+    def trained(stage, kinds):
+        found = [r for r in results if "row" in r and r["row"]["stage"] == stage and r["row"]["kind"] in kinds
+                 and not r["row"]["compile"] and r["status"] == "ok"]
+        if not found:
+            raise RuntimeError(f"no stage {stage} {'/'.join(kinds)} row trained")
+        return _row_dir(root, found[0]["row"])
+
+    def cascade_main():
+        cfg = Config(pretrained=str(trained(1, ["full"])), stage2=str(trained(2, ["full"])),
+                     text_encoder=str(root / "t5"), text_cache_dir=str(root / "cache"),
+                     output_dir=str(root / "sample"), prompt=SMOKE_PROMPT, resolution="16", steps=2, stage2_steps=2,
+                     device=device)
+        got = sample.main(cfg)
+        missing = [str(p) for p in [*got["images"], *got["images_low"], got["grid"]] if not Path(p).is_file()]
+        if missing or len(got["images"]) != 1:
+            raise RuntimeError(f"images not written: {missing}")
+        return f"{Path(got['images'][0]).name} written"
+
+    def cascade_lora():
+        one, two = trained(1, ["lora", "dora"]), trained(2, ["lora", "lora+bitfit"])
+        unet1, kw1 = sample.load_unet(one / "base", lora=one / train.LORA_FILE, device=device, stage=1)
+        unet2, kw2 = sample.load_unet(two / "base", lora=two / train.LORA_FILE, device=device, stage=2)
+        cache = t5cache.TextCache(root / "cache")
+        emb, neg = cache.get([SMOKE_PROMPT]), cache.get([""])
+        low, high = sample.cascade(unet1, unet2, emb, neg, stage1_kw={**kw1, "height": 16, "width": 16, "steps": 2},
+                                   stage2_kw={**kw2, "steps": 2}, generator=torch.Generator(device).manual_seed(0))
+        if low.shape != (1, 3, 16, 16) or high.shape != (1, 3, 64, 64):
+            raise RuntimeError(f"shapes {tuple(low.shape)}, {tuple(high.shape)}")
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise RuntimeError("non-finite images")
+        return f"16x16 -> 64x64, finite, in {str(high.dtype).removeprefix('torch.')}"
+
+    for name, fn in (("sample.main: cascade of the full fine-tunes (I -> II)", cascade_main),
+                     ("sample.load_unet + cascade: the LoRAs on their bases (I -> II)", cascade_lora)):
+        t0 = time.time()
+        try:
+            with open(root / "sample.log", "a") as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                detail, status = fn(), "ok"
+        except Exception as e:
+            detail, status = one_line(e), "FAILED"
+        yield {"name": name, "status": status, "detail": detail, "seconds": time.time() - t0}
+
+
+# Real size (random weights of model.FLAVOURS), cheapest first: the time budget drops the last ones
+REAL_ROWS = [dict(flavour="i-medium-400m", mode="lora", batch=4, size=64, ckpt=False),
+             dict(flavour="i-xlarge-4.3b", mode="lora", batch=4, size=64, ckpt=False),
+             dict(flavour="ii-large-1.2b", mode="lora", batch=4, size=256, ckpt=False),
+             dict(flavour="i-medium-400m", mode="full", batch=4, size=64, ckpt="full")]
+
+
+def smoke_real(kw: dict, seconds_left: float) -> dict:
+    """One measured bf16 training step at real size in a fresh process (case_train: its peak is
+    max_memory_allocated, weights included), next to the dry run's prediction for the same settings (estimate: the
+    real setup_model and train_step on fake tensors)."""
+    job = f"{'LoRA r32' if kw['mode'] == 'lora' else 'full fine-tune'}, b{kw['batch']}, {kw['size']} px"
+    result = {"name": f"{kw['flavour']} {job}, ckpt={kw['ckpt']}, one step", "status": "ok", "detail": ""}
+    if seconds_left < 60:
+        return result | {"status": "skipped", "detail": "time budget spent"}
+    try:
+        predicted = estimate("ours", **kw)
+    except Exception as e:
+        return result | {"status": "FAILED", "detail": "the dry run: " + one_line(e)}
+    got, error = run_case("train", timeout=seconds_left, stack="ours", flavour=kw["flavour"], mode=kw["mode"],
+                          batch=kw["batch"], height=kw["size"], width=kw["size"], ckpt=kw["ckpt"], dtype="bfloat16",
+                          device="cuda", attention="sdpa", warmup=1, repeat=1)
+    if got is None:
+        return result | {"status": "FAILED", "detail": error[-1]}
+    measured = got["peak_mib"] / 1024
+    return result | {"measured_gib": measured, "predicted_gib": predicted["peak_gib"],
+                     "detail": f"peak {measured:.2f} GiB measured (max_memory_allocated), {predicted['peak_gib']:.2f} "
+                               f"GiB predicted ({measured / predicted['peak_gib']:.2f}x), {got['step_s']:.3f} s/step"}
+
+
+def smoke(device: str, root: Path, rows: list[dict] | None = None):
+    """The smoke run in `root`, row by row (a generator of result dicts: name, status ok / FAILED / skipped, detail,
+    seconds, elapsed): the training rows (smoke_rows, or `rows`), the sampler on their outputs, then on CUDA the
+    real-size rows while the time budget lasts."""
+    import contextlib
+
+    start, results = time.time(), []
+    with open(root / "setup.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        smoke_project(root)
+    for row in rows if rows is not None else smoke_rows(device):
+        t0 = time.time()
+        results.append(smoke_train(root, row, device) | {"seconds": time.time() - t0})
+        if row["compile"]:
+            compare_compiled(results, device)
+        yield results[-1] | {"elapsed": time.time() - start}
+    for r in smoke_sample(root, results, device):
+        yield r | {"elapsed": time.time() - start}
+    for kw in REAL_ROWS if device == "cuda" else []:
+        t0 = time.time()
+        r = smoke_real(kw, SMOKE_BUDGET_S - (t0 - start))
+        yield r | {"seconds": time.time() - t0, "elapsed": time.time() - start}
+
+
+def smoke_main(argv: list[str]) -> None:
+    """`python bench.py --smoke [--device=cpu|cuda] [--out=smoke.json]`: exits 1 if any row failed. The tiny runs'
+    outputs and logs go to a temporary folder, kept (and named) when a row failed."""
+    import shutil
+
+    args = {"device": "cuda" if torch.cuda.is_available() else "cpu", "out": None}
+    for a in argv:
+        key, _, value = a.lstrip("-").partition("=")
+        if key not in args:
+            raise SystemExit(f"unknown option {a}; usage: python bench.py --smoke [--device=cpu|cuda] [--out=FILE]")
+        args[key] = value
+    if args["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device=cuda, but this torch ({torch.__version__}) sees no CUDA GPU")
+    machine = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} " \
+        f"x{os.cpu_count()}"
+    print(f"smoke run on {machine}, torch {torch.__version__}", flush=True)
+    root, start, results = Path(tempfile.mkdtemp(prefix="if-smoke-")), time.time(), []
+    for r in smoke(args["device"], root):
+        results.append({k: v for k, v in r.items() if k != "row"})
+        print(f"[{r['elapsed']:6.1f} s] {r['status']:7} {r['name']} ({r['seconds']:.1f} s): {r['detail']}", flush=True)
+    failed = [r for r in results if r["status"] == "FAILED"]
+    if args["out"]:
+        Path(args["out"]).write_text(json.dumps({"machine": machine, "torch": torch.__version__,
+                                                 "date": time.strftime("%Y-%m-%d"), "rows": results}, indent=2))
+    print(f"\n{len(results) - len(failed)} of {len(results)} rows ok or skipped, {len(failed)} failed; "
+          f"{time.time() - start:.0f} s in all")
+    if failed:
+        print(f"outputs and logs kept in {root}")
+        raise SystemExit(1)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str]) -> None:
     args = {"only": None, "flavour": "i-medium-400m", "device": "cuda" if torch.cuda.is_available() else "cpu",
             "out": "bench.json", "attention": "sdpa", "rounds": "1"}
     if len(argv) == 1 and argv[0].startswith("--table="):  # print a saved run's table again (e.g. for the README)
         saved = json.loads(Path(argv[0].split("=", 1)[1]).read_text())
         return print_estimates(saved["estimates"]) if "estimates" in saved else print_table(saved)
+    if "--smoke" in argv:  # every training mode and the sampler on tiny U-Nets, then real-size steps on a GPU
+        return smoke_main([a for a in argv if a != "--smoke"])
     if argv and argv[0] == "--estimate":  # predicted memory at real size, on fake tensors (no GPU, no weights)
         out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), "estimate.json")
         rows = estimate_rows()
