@@ -251,22 +251,27 @@ def estimate_rows() -> list[dict]:
 
 
 def print_estimates(rows: list[dict]) -> None:
-    """Markdown: per job, the predicted peak (ours vs reference) and the smallest common card that holds it."""
+    """Markdown, one row per job: the predicted peak in each checkpointing mode, ours and the reference's, and the
+    smallest card of memory.GPUS that holds the lowest of each (with memory.ALLOWANCE)."""
     import memory
 
     def smallest(gib):
         ok = sorted({m for m, _ in memory.GPUS.values() if memory.fits(gib * memory.GiB, m)[0]})
         return f"{ok[0]} GB" if ok else "none listed"
 
-    print("| U-Net | job | checkpointing | ours: peak | reference: peak | ours / ref | ours fits from | TFLOP/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    jobs: dict[tuple, dict] = {}
     for r in rows:
-        o, ref = r["ours"], r["reference"]
-        job = f"{'LoRA r32' if r['mode'] == 'lora' else 'full fine-tune'}, b{r['batch']}, {r['size']} px"
-        ref_txt, ratio = ("-", "-") if not ref else (f"{ref['peak_gib']:.1f} GiB",
-                                                    f"{o['peak_gib'] / ref['peak_gib']:.2f}x")
-        print(f"| {r['flavour']} | {job} | {r['ckpt'] or 'off'} | {o['peak_gib']:.1f} GiB | {ref_txt} | {ratio} | "
-              f"{smallest(o['peak_gib'])} | {o['tflop']:.1f} |")
+        jobs.setdefault((r["flavour"], r["mode"], r["batch"], r["size"]), {})[r["ckpt"] or "off"] = r
+    print("| U-Net | job | ours: no ckpt / attention / full | reference: no ckpt / ckpt | ours fits | reference fits "
+          "| TFLOP/step |")
+    print("|---|---|---|---|---|---|---|")
+    for (flavour, mode, batch, size), by in jobs.items():
+        ours = [by[k]["ours"]["peak_gib"] for k in ("off", "attention", "full")]
+        ref = [by[k]["reference"]["peak_gib"] for k in ("off", "attention") if by[k]["reference"]]
+        job = f"{'LoRA r32' if mode == 'lora' else 'full fine-tune'}, b{batch}, {size} px"
+        print(f"| {flavour} | {job} | {' / '.join(f'{g:.1f}' for g in ours)} GiB | "
+              f"{' / '.join(f'{g:.1f}' for g in ref) + ' GiB' if ref else '-'} | {smallest(min(ours))} | "
+              f"{smallest(min(ref)) if ref else '-'} | {by['off']['ours']['tflop']:.1f} |")
 
 
 def case_sample(stack, flavour, batch, height, width, steps, dtype, device, repeat=2):

@@ -47,7 +47,7 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
 
     bf16 is the top 16 bits of fp32: add uniform noise to the low 16 bits, then truncate them."""
     noise = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator)
-    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    return noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # in place
 
 
 class AdamW:
@@ -107,11 +107,20 @@ class AdamW:
             g = self.grad[s].float()
             m = self.exp_avg[s].float().lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
             v = self.exp_avg_sq[s].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+            del g
+            if self.rounded:  # bf16 states: stored now, so v's fp32 copy can become the denominator in place
+                self.exp_avg[s].copy_(stochastic_round(m, self.generator))
+                self.exp_avg_sq[s].copy_(stochastic_round(v, self.generator))
+                denom = v.div_(bc2).sqrt_().add_(self.eps)
+            else:  # fp32 states: m and v are the states themselves (.float() of fp32 copies nothing)
+                denom = (v / bc2).sqrt_().add_(self.eps)
             p = self.master[s] if self.master is not None else self.flat[s].float()
-            p.mul_(1 - lr * self.weight_decay)  # decoupled weight decay
-            p.addcdiv_(m, (v / bc2).sqrt_().add_(self.eps), value=-lr / bc1)
-            for dst, src in ((self.flat[s], p), (self.exp_avg[s], m), (self.exp_avg_sq[s], v)):
-                dst.copy_(stochastic_round(src, self.generator) if self.rounded else src)
+            p.mul_(1 - lr * self.weight_decay).addcdiv_(m, denom, value=-lr / bc1)  # decoupled weight decay, Adam
+            del m, v, denom  # a chunk's fp32 temporaries peak at 4 (+ the rounding's noise), not 8
+            if self.rounded:
+                self.flat[s].copy_(stochastic_round(p, self.generator))
+            elif self.master is not None:  # bf16 weights from fp32 masters (p is a copy only then)
+                self.flat[s].copy_(p)
 
     def state_dict(self) -> dict:
         state = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": torch.tensor(self.step_count)}
