@@ -170,26 +170,6 @@ def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-class _NormAct(torch.autograd.Function):
-    """act(group_norm(x) * (1 + scale) + shift) that keeps only its inputs for backward and recomputes there."""
-
-    @staticmethod
-    def forward(ctx, x, scale, shift, weight, bias, groups, eps, act):
-        ctx.save_for_backward(x, scale, shift, weight, bias)
-        ctx.groups, ctx.eps, ctx.act = groups, eps, act
-        return _norm_act(x, scale, shift, weight, bias, groups, eps, act)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        with torch.enable_grad():
-            y = _norm_act(*inputs, ctx.groups, ctx.eps, ctx.act)
-        grads = iter(torch.autograd.grad(y, wanted, grad))
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None, None)
-
-
 def _norm_act(x, scale, shift, weight, bias, groups, eps, act):
     h = F.group_norm(x, groups, weight, bias, eps)
     return act(h if scale is None else h * (1 + scale) + shift)
@@ -197,11 +177,16 @@ def _norm_act(x, scale, shift, weight, bias, groups, eps, act):
 
 def norm_act(norm: nn.GroupNorm, act: nn.Module, x, scale=None, shift=None, recompute: bool = True):
     """act(norm(x) * (1 + scale) + shift). With `recompute`, only the inputs are kept for backward and the cheap
-    norm/activation are recomputed there: one tensor is kept instead of three (norm input, activation input and
-    the FiLM product), for a few per cent more time."""
+    norm/activation are recomputed there: one tensor is kept instead of three (the norm's input and output, the
+    activation's input), for a few per cent more time.
+
+    The recompute is torch.utils.checkpoint's because torch.compile traces it into the U-Net's one graph and keeps
+    it a recompute there; a custom autograd.Function whose backward calls autograd.grad would break the graph at
+    every norm."""
     args = (x, scale, shift, norm.weight, norm.bias, norm.num_groups, norm.eps, act)
     if recompute and torch.is_grad_enabled() and x.requires_grad:
-        return _NormAct.apply(*args)
+        # nothing here is random, so there is no RNG state to save and restore for the recompute
+        return checkpoint(_norm_act, *args, use_reentrant=False, preserve_rng_state=False)
     return _norm_act(*args)
 
 
