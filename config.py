@@ -88,7 +88,9 @@ class Config:
     gradient_checkpointing: bool | Literal["attention", "full"] = _opt(
         False, "recompute in backward: True/'attention' (about +5% time) or 'full' (least memory, +20-50%)"
     )
-    compile: bool = _opt(False, "torch.compile the U-Net")
+    compile: bool | Literal["inductor", "aot_eager"] = _opt(
+        False, "torch.compile the U-Net (one graph for forward and backward); True: inductor; aot_eager: for tests"
+    )
 
     # ---- precision -------------------------------------------------------------------------
     mixed_precision: Literal["auto", "bf16", "fp32"] = _opt(

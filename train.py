@@ -292,8 +292,8 @@ def setup(cfg: Config) -> Run:
     if world > 1:
         ids = [device] if device.type == "cuda" else None
         r.model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
-    if cfg.compile:
-        r.model = torch.compile(r.model)
+    if cfg.compile:  # a second bucket size makes dynamo treat sizes as dynamic: one recompile, not one per bucket
+        r.model = torch.compile(r.model, backend="inductor" if cfg.compile is True else cfg.compile)
     return r
 
 
