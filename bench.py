@@ -479,24 +479,6 @@ SMOKE_BUDGET_S = 540  # no real-size row starts (or runs on) past this: the whol
 SMOKE_PROMPT = "a red square"  # a training caption, so it is in the text cache the rows build
 
 
-def tiny_unet(stage: int) -> dict:
-    """The smallest U-Net with every part of IF's: FiLM resnets, a down- and an upsampler, cross-attention in the
-    second level and the middle, the text projection (from the tiny T5's 32 dims). Stage II's takes its 6 input
-    channels and the low-res image's noise level as the class label, as IF-II-M/L do."""
-    config = dict(
-        block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, in_channels=3, out_channels=6,
-        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=32, encoder_hid_dim_type="text_proj",
-        cross_attention_dim=64, addition_embed_type="text", addition_embed_type_num_heads=4,
-        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8, cross_attention_norm="group_norm")
-    if stage == 2:
-        config.update(in_channels=6, class_embed_type="timestep", time_embedding_act_fn="gelu",
-                      resnet_skip_time_act=True, resnet_out_scale_factor=1.4142271248762552,
-                      mid_block_scale_factor=1.4142271248762552)
-    return config
-
-
 def smoke_rows(device: str) -> list[dict]:
     """The training rows of the smoke run: a covering set, not the product of the axes. Every stage, mode,
     checkpointing mode and attention kernel appears at least once; torch.compile appears with each mode and each
@@ -552,13 +534,14 @@ def smoke_project(root: Path) -> None:
 def smoke_config(root: Path, row: dict, device: str):
     """The tiny run of `row`: 2 steps of batch 2 with a checkpoint at step 2, validation (samples and held-out
     loss) at steps 0 and 2, the final save, and every step's loss in metrics.jsonl."""
+    import model
     from config import Config
 
     stage = row["stage"]
     res = 32 if stage == 1 else 64  # stage II's low-res partners are 16 px
     valid = dict(validation_prompts=[SMOKE_PROMPT]) if stage == 1 else dict(num_eval_images=1)
     return Config(
-        unet_config=tiny_unet(stage), model_flavour="i-medium-400m" if stage == 1 else "ii-medium-450m",
+        unet_config=model.tiny_config(stage), model_flavour="i-medium-400m" if stage == 1 else "ii-medium-450m",
         **KINDS[row["kind"]], lora_rank=4, gradient_checkpointing=row["ckpt"], attention_mechanism=row["attention"],
         compile=row["compile"], mixed_precision="bf16" if device == "cuda" else "fp32", device=device,
         text_encoder=str(root / "t5"), text_cache_dir=str(root / "cache"), output_dir=str(_row_dir(root, row)),

@@ -627,3 +627,22 @@ def build(flavour_or_config: str | dict, dtype=None, device=None) -> UNet:
     with torch.device(device or "cpu"):
         model = UNet(config)
     return model.to(dtype) if dtype is not None else model
+
+
+def tiny_config(stage: int = 1, text_dim: int = 32) -> dict:
+    """A unet/config.json dict for the smallest U-Net with every part of IF's: FiLM resnets, a down- and an
+    upsampler, cross-attention in the second level and the middle, the text projection (from `text_dim`: a tiny
+    T5's width). Stage II's takes its 6 input channels and the low-res image's noise level as the class label, as
+    IF-II-M/L do. Tests and bench.py's smoke run build it."""
+    config = dict(
+        block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, in_channels=3, out_channels=6,
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=text_dim, encoder_hid_dim_type="text_proj",
+        cross_attention_dim=64, addition_embed_type="text", addition_embed_type_num_heads=4,
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8, cross_attention_norm="group_norm")
+    if stage == 2:
+        config.update(in_channels=6, class_embed_type="timestep", time_embedding_act_fn="gelu",
+                      resnet_skip_time_act=True, resnet_out_scale_factor=1.4142271248762552,
+                      mid_block_scale_factor=1.4142271248762552)
+    return config

@@ -12,18 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lora
-from model import build, norm_act
+from model import build, norm_act, tiny_config
 
-# Stage I at its smallest: FiLM resnets (norm_act with scale and shift), a plain final norm (without), attention,
-# a downsampler and an upsampler.
-TINY = dict(
-    block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, in_channels=3, out_channels=6,
-    down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-    up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=32, encoder_hid_dim_type="text_proj",
-    cross_attention_dim=64, addition_embed_type="text", addition_embed_type_num_heads=4,
-    resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8, cross_attention_norm="group_norm",
-)
+TINY = tiny_config()  # stage I at its smallest: FiLM resnets, a plain final norm, attention, resamplers
 
 
 def trained():

@@ -10,18 +10,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import memory
 import train
 from config import Config, load_config
+from model import tiny_config
 
-
-def tiny(stage=1):
-    return dict(block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, in_channels=3 * stage,
-                out_channels=6, down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-                up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-                mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=32, encoder_hid_dim_type="text_proj",
-                cross_attention_dim=64, addition_embed_type="text", addition_embed_type_num_heads=4,
-                resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
-                cross_attention_norm="group_norm",
-                **(dict(class_embed_type="timestep", time_embedding_act_fn="gelu", resnet_skip_time_act=True)
-                   if stage == 2 else {}))
+tiny = tiny_config
 
 
 @pytest.mark.parametrize("fake", [False, True])
