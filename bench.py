@@ -103,9 +103,10 @@ def _unets(stack: str, flavour: str, device, dtype, tmp: Path | None = None):
 
 
 def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, attention, rank=32, repeat=3,
-               warmup=None):
+               warmup=None, compiled=False):
     """One optimizer step: forward, the hybrid loss, backward, AdamW. `warmup` untimed steps (None: 1 on the CPU,
-    3 on a GPU) come after the first step, then `repeat` timed ones."""
+    3 on a GPU) come after the first step, then `repeat` timed ones. `compiled`: ours through torch.compile
+    (inductor), as train.py's compile=True wraps it; the first step then includes the compilation."""
     import config
     import diffusion
     import lora
@@ -118,7 +119,8 @@ def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, 
         unet.gradient_checkpointing, _ = ckpt, unet.set_attention_backend(attention)
         unet = unet.to(memory_format=torch.channels_last)
         opt = train.AdamW(params, lr=1e-6, generator=torch.Generator(device).manual_seed(0))
-        forward = lambda x, t, e, lvl: unet(x, t, e, noise_level=lvl)
+        net = torch.compile(unet) if compiled else unet
+        forward = lambda x, t, e, lvl: net(x, t, e, noise_level=lvl)
     else:
         from peft import LoraConfig
 
@@ -415,6 +417,10 @@ def plan(args: dict) -> list[tuple[str, str, dict, bool]]:
         rows.append(("lora", f"{fl} LoRA r32, b4, 64x64, ckpt={ckpt}",
                      dict(case="train", flavour=fl, mode="lora", batch=4, height=64, width=64, ckpt=ckpt, **common),
                      True))
+    for compiled in (False, True):  # the same step eager and through torch.compile, side by side
+        rows.append(("compile", f"{fl} LoRA r32, b4, 64x64, ckpt=False, {'compiled' if compiled else 'eager'}",
+                     dict(case="train", flavour=fl, mode="lora", batch=4, height=64, width=64, ckpt=False,
+                          compiled=compiled, **common), False))
     full = dict(case="train", flavour=fl, mode="full", batch=4, height=64, width=64, ckpt="full", **common)
     rows.append(("full", f"{fl} full fine-tune, b4, 64x64, ckpt=full", full, True))
     rows.append(("stage2", f"{stage2} LoRA r32, b{4 if gpu else 1}, {res2}x{res2}",
@@ -808,8 +814,8 @@ def main(argv: list[str]) -> None:
             args[key] = value.split(",") if key == "only" else value
         else:
             raise SystemExit(f"unknown option {a}; usage: python bench.py [CONFIG] [--only=lora,full,stage2,scaling,"
-                             "sample,t5,data] [--flavour=i-medium-400m] [--device=cpu|cuda] [--attention=sdpa|xformers"
-                             "] [--rounds=1] [--out=bench.json]")
+                             "sample,t5,data,compile] [--flavour=i-medium-400m] [--device=cpu|cuda] "
+                             "[--attention=sdpa|xformers] [--rounds=1] [--out=bench.json]")
     machine = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} " \
         f"x{os.cpu_count()}"
     report = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
