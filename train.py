@@ -133,6 +133,12 @@ class AdamW:
             self.master.copy_(state["master"])
 
 
+def optimizer_for(cfg: Config, params: list, generator: torch.Generator | None = None) -> AdamW:
+    """The run's AdamW over `params`, as the config sets it (`generator`: stochastic rounding's draws)."""
+    return AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.adam_weight_decay,
+                 cfg.fp32_master, generator=generator)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.Tensor, flat: torch.Tensor, decay: float, generator=None) -> None:
     """ema <- decay * ema + (1 - decay) * weights; in bf16 with stochastic rounding (the increments are tiny)."""
@@ -275,8 +281,7 @@ def setup(cfg: Config) -> Run:
             "python": random.Random(cfg.seed)}  # python: caption dropout; the default generators: LoRA dropout
     if device.type == "cuda":
         rngs["cuda"] = torch.cuda.default_generators[device.index or 0]
-    opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.adam_weight_decay,
-                cfg.fp32_master, generator=rngs["rounding"])
+    opt = optimizer_for(cfg, params, rngs["rounding"])
     r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
             opt.flat.clone() if cfg.use_ema else None, rngs, eval_items)
     resume = find_checkpoint(cfg)
@@ -659,8 +664,7 @@ def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
         with FakeTensorMode() if fake else contextlib.nullcontext(), counter:
             fresh = memory.materialise(unet)
             params = [fresh[id(p)] for p in params]
-            opt = AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
-                        cfg.adam_weight_decay, cfg.fp32_master)
+            opt = optimizer_for(cfg, params)
             ema = opt.flat.clone() if cfg.use_ema else None
             dim = unet.config["encoder_hid_dim"] or unet.config["cross_attention_dim"]
             rngs = {"train": torch.Generator(), "rounding": torch.Generator(), "python": random.Random(cfg.seed)}
