@@ -110,7 +110,7 @@ def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, 
     import config
     import diffusion
     import lora
-    import train
+    import optim
 
     device, dtype = torch.device(device), getattr(torch, dtype)
     unet, stage = _unets(stack, flavour, device, dtype), config.Config(model_flavour=flavour).stage
@@ -118,7 +118,7 @@ def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, 
         params = lora.add_lora(unet, rank, rank) if mode == "lora" else list(unet.parameters())
         unet.gradient_checkpointing, _ = ckpt, unet.set_attention_backend(attention)
         unet = unet.to(memory_format=torch.channels_last)
-        opt = train.AdamW(params, lr=1e-6, generator=torch.Generator(device).manual_seed(0))
+        opt = optim.AdamW(params, lr=1e-6, generator=torch.Generator(device).manual_seed(0))
         net = torch.compile(unet) if compiled else unet
         forward = lambda x, t, e, lvl: net(x, t, e, noise_level=lvl)
     else:

@@ -98,6 +98,15 @@ class Config:
     )
     fp32_master: bool = _opt(False, "with bf16: keep fp32 master weights and optimizer states (for comparison)")
 
+    # ---- memory: what lets IF-I-XL fit small cards (optim.py, quant.py; see the README's GPU table) --------
+    optimizer_state: Literal["auto", "8bit"] = _opt(
+        "auto", "AdamW moments: auto (as the weights: bf16 with stochastic rounding, or fp32), or 8bit block-wise"
+    )
+    factored_second_moment: bool = _opt(False, "Adafactor's second moment for matrices: row and column means only")
+    fused_backward: bool = _opt(
+        False, "step each parameter inside backward and free its gradient (no gradient buffer; no clipping or accum.)"
+    )
+
     # ---- loss ------------------------------------------------------------------------------
     loss_type: Literal["hybrid", "mse"] = _opt(
         "hybrid", "hybrid: epsilon MSE + VLB that trains the variance channels (as IF was trained); mse: epsilon only"

@@ -37,115 +37,17 @@ import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
 from model import UNet, build
+from optim import AdamW, ema_update
 
 # ---------------------------------------------------------------------------------------------
-# the optimizer: AdamW on one flat buffer, bf16 with stochastic rounding
-
-
-def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """fp32 -> bf16, rounding up with probability equal to the dropped fraction: unbiased, E[round(x)] = x.
-
-    bf16 is the top 16 bits of fp32: add uniform noise to the low 16 bits, then truncate them."""
-    noise = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator)
-    return noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # in place
-
-
-class AdamW:
-    """AdamW (Loshchilov & Hutter 2019, Algorithm 2) for parameters that all share one dtype and device.
-
-    The parameters (and their gradients) become views into one flat buffer, so a step is a handful of large
-    kernels over chunks of it instead of ~20 small kernels per tensor. The update is computed in fp32; in bf16
-    the new weights and moments are written back with stochastic rounding, or, with `fp32_master`, from fp32
-    copies kept here."""
-
-    CHUNK = 1 << 25  # elements per kernel launch: bounds the fp32 temporaries to ~0.5 GiB
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, fp32_master=False,
-                 generator=None):
-        self.params, self.lr, self.betas, self.eps, self.weight_decay = list(params), lr, betas, eps, weight_decay
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
-            raise ValueError(f"all trainable parameters must share one dtype, got {dtypes}")
-        # Parameters become views of the flat buffer, copied in one by one so that each old tensor is freed as soon as
-        # it is copied: the weights never exist twice over (8 GiB more at IF-I-XL size). Each keeps its memory layout
-        # (channels_last conv weights stay channels_last).
-        p0 = self.params[0]
-        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
-        offsets = [0]
-        for p in self.params:
-            n = p.numel()
-            self.flat[offsets[-1] : offsets[-1] + n].copy_(p.detach().as_strided((n,), (1,)))  # in memory order
-            p.data = self.flat.as_strided(p.shape, p.stride(), offsets[-1])
-            offsets.append(offsets[-1] + n)
-        self.grad = torch.zeros_like(self.flat)
-        for p, offset in zip(self.params, offsets):  # backward accumulates into self.grad through these views
-            p.grad = self.grad.as_strided(p.shape, p.stride(), offset)
-        self.rounded = self.flat.dtype == torch.bfloat16 and not fp32_master
-        self.master = self.flat.float() if self.flat.dtype != torch.float32 and fp32_master else None
-        state_dtype = self.flat.dtype if self.rounded else torch.float32
-        self.exp_avg = torch.zeros_like(self.flat, dtype=state_dtype)
-        self.exp_avg_sq = torch.zeros_like(self.flat, dtype=state_dtype)
-        self.step_count, self.generator = 0, generator
-
-    def zero_grad(self) -> None:
-        self.grad.zero_()
-
-    def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm in fp32, chunk by chunk: one vector_norm(dtype=fp32) of a bf16 buffer makes a whole fp32
-        copy of it on the CPU (17 GB for IF-I-XL's gradient)."""
-        parts = [torch.linalg.vector_norm(self.grad[i : i + self.CHUNK], dtype=torch.float32)
-                 for i in range(0, self.grad.numel(), self.CHUNK)]
-        return torch.linalg.vector_norm(torch.stack(parts))
-
-    @torch.no_grad()
-    def step(self, lr: float | None = None) -> None:
-        lr = self.lr if lr is None else lr
-        (b1, b2), self.step_count = self.betas, self.step_count + 1
-        bc1, bc2 = 1 - b1**self.step_count, 1 - b2**self.step_count  # bias corrections
-        for i in range(0, self.flat.numel(), self.CHUNK):
-            s = slice(i, i + self.CHUNK)
-            g = self.grad[s].float()
-            m = self.exp_avg[s].float().lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
-            v = self.exp_avg_sq[s].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
-            del g
-            if self.rounded:  # bf16 states: stored now, so v's fp32 copy can become the denominator in place
-                self.exp_avg[s].copy_(stochastic_round(m, self.generator))
-                self.exp_avg_sq[s].copy_(stochastic_round(v, self.generator))
-                denom = v.div_(bc2).sqrt_().add_(self.eps)
-            else:  # fp32 states: m and v are the states themselves (.float() of fp32 copies nothing)
-                denom = (v / bc2).sqrt_().add_(self.eps)
-            p = self.master[s] if self.master is not None else self.flat[s].float()
-            p.mul_(1 - lr * self.weight_decay).addcdiv_(m, denom, value=-lr / bc1)  # decoupled weight decay, Adam
-            del m, v, denom  # a chunk's fp32 temporaries peak at 4 (+ the rounding's noise), not 8
-            if self.rounded:
-                self.flat[s].copy_(stochastic_round(p, self.generator))
-            elif self.master is not None:  # bf16 weights from fp32 masters (p is a copy only then)
-                self.flat[s].copy_(p)
-
-    def state_dict(self) -> dict:
-        state = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": torch.tensor(self.step_count)}
-        return state | ({"master": self.master} if self.master is not None else {})
-
-    def load_state_dict(self, state: dict) -> None:
-        self.exp_avg.copy_(state["exp_avg"]), self.exp_avg_sq.copy_(state["exp_avg_sq"])
-        self.step_count = int(state["step"])
-        if self.master is not None:
-            self.master.copy_(state["master"])
+# the optimizer (optim.py) as the config sets it, and the learning rate
 
 
 def optimizer_for(cfg: Config, params: list, generator: torch.Generator | None = None) -> AdamW:
     """The run's AdamW over `params`, as the config sets it (`generator`: stochastic rounding's draws)."""
     return AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.adam_weight_decay,
-                 cfg.fp32_master, generator=generator)
-
-
-@torch.no_grad()
-def ema_update(ema: torch.Tensor, flat: torch.Tensor, decay: float, generator=None) -> None:
-    """ema <- decay * ema + (1 - decay) * weights; in bf16 with stochastic rounding (the increments are tiny)."""
-    for i in range(0, flat.numel(), AdamW.CHUNK):
-        s = slice(i, i + AdamW.CHUNK)
-        new = ema[s].float().lerp_(flat[s].float(), 1 - decay)
-        ema[s].copy_(stochastic_round(new, generator) if ema.dtype == torch.bfloat16 else new)
+                 cfg.fp32_master, generator=generator, state="8bit" if cfg.optimizer_state == "8bit" else "bf16",
+                 factored=cfg.factored_second_moment, fused=cfg.fused_backward)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -254,9 +156,26 @@ class Run:
     dry: bool = False  # a dry run's fake tensors have no values: its loss counts as finite
 
 
+def check_options(cfg: Config, world: int) -> None:
+    """Refuse what fused_backward cannot do (optim.py), saying what to do instead."""
+    if not cfg.fused_backward:
+        return
+    if cfg.gradient_accumulation_steps > 1:
+        raise ValueError("fused_backward updates each parameter as soon as its gradient is complete, so gradients "
+                         "cannot accumulate over micro-batches: set gradient_accumulation_steps=1 (raise "
+                         "train_batch_size instead), or turn fused_backward off")
+    if cfg.max_grad_norm is not None:
+        raise ValueError("fused_backward cannot clip by the global gradient norm (it is known only after every "
+                         "parameter has stepped): set max_grad_norm=None, or turn fused_backward off")
+    if world > 1:
+        raise ValueError("fused_backward would step on each rank's own gradient, before DDP averages it: train on "
+                         "one process, or turn fused_backward off")
+
+
 def setup(cfg: Config) -> Run:
     """Devices and processes, data, text, the model, the optimizer and, with resume_from_checkpoint, their state."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_options(cfg, world)
     if cfg.device:
         device = torch.device(cfg.device)
     else:
@@ -308,6 +227,8 @@ def train_step(r: Run, batches) -> dict:
     (tensors, so nothing waits for the device until it is logged)."""
     cfg, n_micro = r.cfg, r.cfg.gradient_accumulation_steps
     lr, terms = lr_at(r.step, cfg), {"mse": 0.0, "vlb": 0.0}
+    if cfg.fused_backward:  # each parameter takes its AdamW step inside backward (optim.py)
+        r.opt.begin(lr)
     for micro in range(n_micro):
         batch = next(batches)
         x0, noise, t, x_in, x_t, level = model_inputs(batch, r.sched, cfg, r.rngs["train"], r.rank, r.world, r.device,
@@ -321,11 +242,14 @@ def train_step(r: Run, batches) -> dict:
                                                     return_terms=True)
             (loss.mean() / n_micro).backward()
         terms = {k: terms[k] + parts[k].mean() / n_micro for k in terms}
-    norm = r.opt.grad_norm()  # of the all-reduced gradient: every rank takes the same decision
+    # the norm of the all-reduced gradient: every rank takes the same decision. Fused, the update is done and the
+    # norm is what was applied; a non-finite one means some parameters kept their weights (optim.py)
+    norm = r.opt.end() if cfg.fused_backward else r.opt.grad_norm()
     if r.dry or torch.isfinite(norm):
-        if cfg.max_grad_norm is not None:
-            r.opt.grad.mul_(torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0))
-        r.opt.step(lr)
+        if not cfg.fused_backward:
+            if cfg.max_grad_norm is not None:
+                r.opt.grad.mul_(torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0))
+            r.opt.step(lr)
         if r.ema is not None:
             ema_update(r.ema, r.opt.flat, cfg.ema_decay, r.rngs["rounding"])
         r.nonfinite = 0
@@ -655,6 +579,7 @@ def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
     import memory
 
     cfg = dataclasses.replace(cfg, unet_config=unet_config_of(cfg), compile=False)
+    check_options(cfg, 1)
     # planned for a GPU with bf16 (Ampere or newer), where mixed_precision="auto" means bf16
     dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
     (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps
@@ -673,13 +598,14 @@ def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
             if live is not None:  # where the peak falls: hooks label the phases of the step as it runs
                 unet.register_forward_pre_hook(lambda *_: setattr(live, "phase", "forward"))
                 unet.register_forward_hook(lambda *_: setattr(live, "phase", "loss and backward"))
-                norm = opt.grad_norm
+                name = "end" if cfg.fused_backward else "grad_norm"
+                after = getattr(opt, name)
 
-                def grad_norm():  # called once backward is over
+                def backward_done():  # called once backward is over
                     live.phase = "gradient norm, clipping and the optimizer step"
-                    return norm()
+                    return after()
 
-                opt.grad_norm = grad_norm
+                setattr(opt, name, backward_done)
             batch = {"pixels": torch.zeros(B, 3, h, w), "captions": [""] * B}
             if cfg.stage == 2:
                 batch["low_res"] = torch.zeros(B, 3, h // 4, w // 4)
@@ -688,7 +614,7 @@ def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
                 return {}
             frozen = [t for t in [*unet.parameters(), *unet.buffers()] if not t.requires_grad]
             return live.breakdown({"weights": frozen, "trainable": [opt.flat], "grads": [opt.grad],
-                                   "optimizer": [opt.exp_avg, opt.exp_avg_sq, opt.master], "ema": [ema]})
+                                   "optimizer": opt.state_tensors(), "ema": [ema]})
 
     live, counter = memory.LiveBytes(), FlopCounterMode(display=False)
     parts = one_step(live, live)

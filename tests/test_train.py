@@ -1,4 +1,4 @@
-"""train.py: the optimizer's arithmetic, the stage II inputs, learning, exact resume, crash safety and DDP."""
+"""train.py: the learning-rate schedule, the stage II inputs, learning, exact resume, crash safety and DDP."""
 
 import json
 import math
@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import diffusion
 import lora
+import optim
 import sample
 import t5cache
 import train
@@ -65,60 +66,7 @@ def write_config(cfg: Config, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# the optimizer
-
-
-def test_stochastic_rounding_is_unbiased():
-    g = torch.Generator().manual_seed(0)
-    x = torch.tensor([1.0 + 2**-10, -3.0 - 2**-9, 0.1, 1e-30])  # between bf16 neighbours
-    draws = torch.stack([train.stochastic_round(x, g).float() for _ in range(20000)])
-    assert ((draws - x).abs() <= x.abs() * 2**-7).all()  # always one of the two neighbours
-    torch.testing.assert_close(draws.mean(0), x, rtol=2e-4, atol=0)
-    assert x.bfloat16().float()[0] == 1.0  # round-to-nearest would lose the offset entirely
-
-
-def test_update_below_bf16_resolution_moves_weights_in_expectation():
-    g = torch.Generator().manual_seed(0)
-    w = torch.ones(10000, dtype=torch.bfloat16)
-    nearest = w.clone()
-    for _ in range(100):  # 100 updates of 1e-4 each: every one is far below bf16's step of 2^-7 at 1.0
-        w = train.stochastic_round(w.float() - 1e-4, g)
-        nearest = (nearest.float() - 1e-4).bfloat16()
-    assert torch.equal(nearest, torch.ones_like(nearest))  # round-to-nearest never moved
-    assert abs(w.float().mean().item() - (1 - 1e-2)) < 1e-3
-
-
-def test_fp32_adamw_equals_torch_adamw():
-    torch.manual_seed(0)
-    a = [torch.randn(5, 7, requires_grad=True), torch.randn(3, 2, 4, 4, requires_grad=True)]
-    b = [p.detach().clone().requires_grad_() for p in a]
-    ours = train.AdamW(a, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    ref = torch.optim.AdamW(b, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    for step in range(5):
-        for ps in (a, b):
-            sum(((p - step) ** 2).sum() for p in ps).backward()
-        ours.step(), ref.step(), ours.zero_grad(), ref.zero_grad()
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("fp32_master", [False, True])
-def test_bf16_adamw_tracks_fp32_on_regression(fp32_master):
-    torch.manual_seed(0)
-    X, w_true = torch.randn(128, 16), torch.randn(16, 1)
-    y = X @ w_true
-
-    def fit(dtype, **kw):
-        w = torch.zeros(16, 1, dtype=dtype, requires_grad=True)
-        opt = train.AdamW([w], lr=2e-2, weight_decay=0.0, generator=torch.Generator().manual_seed(1), **kw)
-        for i in range(600):
-            ((X.to(dtype) @ w).float() - y).square().mean().backward()
-            opt.step(2e-2 * (1 - i / 600)), opt.zero_grad()
-        return w.detach().float()
-
-    full, half = fit(torch.float32), fit(torch.bfloat16, fp32_master=fp32_master)
-    assert (full - w_true).norm() < 1e-3 * w_true.norm()  # fp32 solves the problem
-    assert (half - full).norm() < 1e-2 * w_true.norm()  # bf16 alone resolves only ~0.4% of each weight
+# the learning-rate schedule (the optimizer: tests/test_optim.py)
 
 
 def test_lr_schedules_end_at_lr_end():
@@ -128,15 +76,6 @@ def test_lr_schedules_end_at_lr_end():
         assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
         assert lrs[-1] == pytest.approx(1e-5) and all(a >= b - 1e-12 for a, b in zip(lrs[9:], lrs[10:]))
     assert train.lr_at(50, Config(learning_rate=2e-4, lr_scheduler="constant")) == 2e-4
-
-
-def test_ema_update():
-    ema, w = torch.zeros(1000), torch.ones(1000)
-    train.ema_update(ema, w, 0.9)
-    torch.testing.assert_close(ema, torch.full((1000,), 0.1))
-    ema16 = torch.zeros(100000, dtype=torch.bfloat16)
-    train.ema_update(ema16, w.bfloat16().repeat(100), 0.999, torch.Generator().manual_seed(0))
-    assert abs(ema16.float().mean().item() - 1e-3) < 2e-5  # unbiased even though 1e-3 * 1 rounds in bf16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +122,7 @@ def test_loss_on_a_repeated_batch_falls(kind, project, tmp_path):
     expected = {"full": lambda n: True, "bitfit": lambda n: n.endswith(".bias"),
                 "dora": lambda n: "lora_" in n}.get(kind, lambda n: "lora_A" in n or "lora_B" in n)
     assert trainable == {n for n, _ in unet.named_parameters() if expected(n)}
-    opt = train.AdamW(params, lr=3e-3 if kind == "full" else 1e-2, weight_decay=0.0)
+    opt = optim.AdamW(params, lr=3e-3 if kind == "full" else 1e-2, weight_decay=0.0)
     sched, g = diffusion.Schedule(), torch.Generator().manual_seed(0)
     colours = torch.tensor([[0.8, -0.8, -0.8], [-0.8, -0.8, 0.8]])[:, :, None, None]  # a red and a blue image
     batch = {"pixels": colours.expand(2, 3, 32, 32).contiguous(), "low_res": colours.expand(2, 3, 8, 8).contiguous()}
@@ -243,6 +182,43 @@ def test_sigkill_and_resume_is_exact(project, tmp_path):
     assert [r["step"] for r in rows if "loss" in r][-3:] == [4, 5, 6]
     for name in ("config.json", "loss.png", "skipped.txt", "scheduler/scheduler_config.json"):
         assert (tmp_path / "a" / name).exists(), name
+
+
+MEMORY_OPTIONS = {
+    "fused+8bit": dict(fused_backward=True, max_grad_norm=None, optimizer_state="8bit"),
+    "factored": dict(factored_second_moment=True),
+}
+
+
+@pytest.mark.parametrize("options", MEMORY_OPTIONS)
+def test_memory_options_resume_exactly_and_checkpoint_compact_states(options, project, tmp_path):
+    """A run stopped at step 3 and resumed equals a straight 6-step run bit for bit, with each memory option; the
+    checkpoint holds the 8-bit moments as bytes and the factored ones as rows and columns (no fp32 blow-up)."""
+    kw = dict(mixed_precision="bf16", checkpointing_steps=3, **MEMORY_OPTIONS[options])
+    train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "a"), **kw))
+    train.main(config(project, tmp_path, max_train_steps=3, output_dir=str(tmp_path / "b"), **kw))
+    shutil.rmtree(tmp_path / "b" / "unet")
+    train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "b"),
+                      resume_from_checkpoint="latest", **kw))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors"))
+    n = state["weights"].numel()
+    if options == "fused+8bit":
+        assert state["opt.exp_avg.codes"].dtype == torch.uint8 and state["opt.exp_avg_sq.codes"].numel() == n
+    else:
+        assert "opt.exp_avg_sq" not in state and any(k.startswith("opt.row.") for k in state)
+        assert sum(v.numel() for k, v in state.items() if k.startswith(("opt.row", "opt.col", "opt.vec"))) < n / 4
+
+
+@pytest.mark.parametrize("bad, says", [(dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=1"),
+                                       (dict(max_grad_norm=1.0), "max_grad_norm=None")])
+def test_fused_backward_refuses_what_it_cannot_do(bad, says, project, tmp_path):
+    cfg = config(project, tmp_path, fused_backward=True, **{"max_grad_norm": None, **bad})
+    with pytest.raises(ValueError, match=says):
+        train.main(cfg)
+    with pytest.raises(ValueError, match="before DDP averages"):
+        train.check_options(config(project, tmp_path, fused_backward=True, max_grad_norm=None), world=2)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(project, tmp_path):
