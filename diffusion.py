@@ -81,11 +81,13 @@ class Schedule:
 
     The training loss instead gathers per-step tables with a [B] tensor of timesteps; those are
     computed once in float64 (as improved DDPM does) and cached per device by `get`, so a training
-    step does no host->device copy."""
+    step does no host->device copy.
 
-    def __init__(self, num_train_timesteps: int = 1000):
+    `betas` ([T]) gives another schedule (the x4 upscaler's scaled_linear one, say); by default IF's cosine."""
+
+    def __init__(self, num_train_timesteps: int = 1000, betas: torch.Tensor | None = None):
         T = self.num_train_timesteps = num_train_timesteps
-        self.betas = cosine_betas(T)  # [T] float32
+        self.betas = cosine_betas(T) if betas is None else betas.float()  # [T] float32
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # [T] float32, accumulated in float32
         self.one = torch.tensor(1.0)  # alpha-bar "before" t=0: the step after the last one lands on x_0
         b = self.betas.double()
@@ -264,6 +266,7 @@ def p_sample_step(
     variance: str = "learned_range",
     thresholding: tuple[float, float] | None = None,
     clip_sample: bool = True,
+    prediction_type: str = "epsilon",
     generator=None,
 ) -> torch.Tensor:
     """One ancestral step x_t -> x_{prev_t} (DDPM algorithm 2 over a respaced jump); equals diffusers'
@@ -276,7 +279,9 @@ def p_sample_step(
     mean from DDPM eq. 7; for t > 0 add sigma * z with z one `randn` of x_t's shape and
     model_output's dtype from `generator` (as diffusers draws it), where sigma^2 is beta-tilde (DDPM
     eq. 7, floored at 1e-20) for fixed_small, or improved DDPM eq. 15 between beta-tilde and beta for
-    learned_range. All scalars are float32 0-d CPU tensors, as in diffusers: no copies, no syncs."""
+    learned_range. All scalars are float32 0-d CPU tensors, as in diffusers: no copies, no syncs.
+    prediction_type="v_prediction" reads the first C channels as v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+    (Salimans & Ho 2022, "Progressive Distillation", sec. 4) instead of eps."""
     t, prev_t = int(t), int(prev_t)
     C = x_t.shape[1]
     if variance not in ("learned_range", "fixed_small"):
@@ -294,7 +299,12 @@ def p_sample_step(
     alpha = a_t / a_prev  # the jump's alpha_t
     beta = 1 - alpha  # the jump's beta_t
 
-    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # DDPM eq. 15
+    if prediction_type == "v_prediction":
+        x0 = a_t**0.5 * x_t - (1 - a_t) ** 0.5 * eps  # x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
+    elif prediction_type == "epsilon":
+        x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # DDPM eq. 15
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if thresholding is not None:
         x0 = dynamic_threshold(x0, *thresholding)
     elif clip_sample:

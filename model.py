@@ -251,14 +251,15 @@ class TextTimeEmbedding(nn.Module):
 class ResnetBlock2D(nn.Module):
     """GroupNorm-act-conv twice, with the time embedding as a FiLM scale/shift after the second norm.
 
-    `up`/`down` resample both paths (nearest 2x / 2x2 average) - IF's resamplers are resnets."""
+    `up`/`down` resample both paths (nearest 2x / 2x2 average) - IF's resamplers are resnets. With `temb=None` it
+    has no time embedding (no time_emb_proj), as a VAE's resnets."""
 
-    def __init__(self, cin: int, cout: int, temb: int, *, groups: int, eps: float, act: str, scale_shift: bool,
+    def __init__(self, cin: int, cout: int, temb: int | None, *, groups: int, eps: float, act: str, scale_shift: bool,
                  skip_time_act: bool, out_scale: float = 1.0, up: bool = False, down: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, 2 * cout if scale_shift else cout)
+        self.time_emb_proj = nn.Linear(temb, 2 * cout if scale_shift else cout) if temb is not None else None
         self.norm2 = nn.GroupNorm(groups, cout, eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
@@ -271,15 +272,17 @@ class ResnetBlock2D(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return F.avg_pool2d(x, 2) if self.down else x
 
-    def forward(self, x, temb):  # x (B, cin, H, W), temb (B, T) -> (B, cout, H', W')
+    def forward(self, x, temb=None):  # x (B, cin, H, W), temb (B, T) or None -> (B, cout, H', W')
         h = self.resample(norm_act(self.norm1, self.act, x, recompute=self.recompute))
         x = self.resample(x)
         h = conv(self.conv1, h)
-        s = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, :, None, None]
+        s = None
+        if self.time_emb_proj is not None:
+            s = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, :, None, None]
         if self.scale_shift:  # FiLM: norm2(h) * (1 + scale) + shift
             h = norm_act(self.norm2, self.act, h, *s.chunk(2, dim=1), recompute=self.recompute)
         else:
-            h = norm_act(self.norm2, self.act, h + s, recompute=self.recompute)
+            h = norm_act(self.norm2, self.act, h if s is None else h + s, recompute=self.recompute)
         h = conv(self.conv2, h)
         if self.conv_shortcut is not None:
             x = conv(self.conv_shortcut, x)
@@ -302,6 +305,20 @@ def attention(q, k, v, heads: int, backend: str):
         w = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, h, Lq, Lk)
         out = w.float().softmax(-1).to(v.dtype) @ v
     return out.transpose(1, 2).reshape(B, Lq, C)
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Run every attention layer under `module` (each a module with a `backend` attribute) through `backend`."""
+    if backend not in ("sdpa", "xformers", "math"):
+        raise ValueError(f"attention backend must be 'sdpa', 'xformers' or 'math', not {backend!r}")
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as e:
+            raise ImportError("attention_mechanism='xformers' needs `pip install xformers` (CUDA only)") from e
+    for m in module.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
 
 
 class Attention(nn.Module):
@@ -439,16 +456,7 @@ class UNet(nn.Module):
                 m.recompute = mode != "full"  # "full" recomputes the whole layer anyway
 
     def set_attention_backend(self, backend: str) -> None:
-        if backend not in ("sdpa", "xformers", "math"):
-            raise ValueError(f"attention backend must be 'sdpa', 'xformers' or 'math', not {backend!r}")
-        if backend == "xformers":
-            try:
-                import xformers.ops  # noqa: F401
-            except ImportError as e:
-                raise ImportError("attention_mechanism='xformers' needs `pip install xformers` (CUDA only)") from e
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.backend = backend
+        set_attention_backend(self, backend)
 
     @property
     def downsample_factor(self) -> int:
@@ -538,14 +546,7 @@ class UNet(nn.Module):
         config = json.loads((folder / "config.json").read_text())
         with torch.device("meta"):
             model = cls(config)
-        dtype = dtype or torch.float32
-        state = {}
-        for file in _weight_files(folder, variant):
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device=str(device or "cpu")) as fh:
-                for key in fh.keys():
-                    state[key] = fh.get_tensor(key).to(dtype)
+        state = read_weights(folder, variant, dtype, device)
         check_state_dict(model, state, source=str(folder))
         model.load_state_dict(state, strict=True, assign=True)
         model.source = str(path_or_repo_id)
@@ -564,7 +565,21 @@ class UNet(nn.Module):
         save_file(state, str(directory / f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
 
 
-def check_state_dict(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
+def read_weights(folder: Path, variant: str | None = None, dtype=None, device=None, keep=None) -> dict:
+    """The tensors of a diffusers folder's safetensors files (single, sharded or a variant), cast to `dtype` (float32
+    by default), on `device`; `keep(key)`, if given, picks which keys are read at all."""
+    from safetensors import safe_open
+
+    state = {}
+    for file in _weight_files(folder, variant):
+        with safe_open(str(file), framework="pt", device=str(device or "cpu")) as fh:
+            for key in fh.keys():
+                if keep is None or keep(key):
+                    state[key] = fh.get_tensor(key).to(dtype or torch.float32)
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str = "checkpoint", what: str = "U-Net") -> None:
     """Strict loading with an error that lists missing keys, unexpected keys and shape mismatches."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -574,7 +589,7 @@ def check_state_dict(model: nn.Module, state: dict, source: str = "checkpoint") 
     if missing or unexpected or shapes:
         def few(xs):
             return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
-        raise ValueError(f"weights in {source} do not fit this U-Net config:\n"
+        raise ValueError(f"weights in {source} do not fit this {what} config:\n"
                          f"  missing keys: {few(missing) or 'none'}\n  unexpected keys: {few(unexpected) or 'none'}\n"
                          f"  shape mismatches: {few(shapes) or 'none'}")
 
