@@ -106,6 +106,7 @@ class Config:
     fused_backward: bool = _opt(
         False, "step each parameter inside backward and free its gradient (no gradient buffer; no clipping or accum.)"
     )
+    quantise_base: bool = _opt(False, "LoRA: hold the frozen U-Net weights in int8, per-channel scales (QLoRA-style)")
 
     # ---- loss ------------------------------------------------------------------------------
     loss_type: Literal["hybrid", "mse"] = _opt(
@@ -161,7 +162,9 @@ class Config:
     tokenizer_max_length: int = _opt(77, "T5 tokens per caption (IF used 77; T5 can read more)")
     clean_caption: bool = _opt(False, "IF's heavy caption cleaning (needs beautifulsoup4 and ftfy)")
     text_encoder_batch_size: int = _opt(32, "captions per T5 forward when building the cache")
-    text_encoder_dtype: Literal["auto", "bf16", "fp32"] = _opt("auto", "T5 weights' dtype (auto: bf16, fp32 on CPU)")
+    text_encoder_dtype: Literal["auto", "bf16", "fp32", "int8"] = _opt(
+        "auto", "T5 weights' dtype (auto: bf16, fp32 on CPU; int8: int8 weights computing in bf16, half the memory)"
+    )
 
     # ---- validation during training --------------------------------------------------------
     validation_prompt: str | None = _opt(None, "one validation prompt (SimpleTuner's name)")

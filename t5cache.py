@@ -137,7 +137,10 @@ class TextEncoder:
         prepare_caption("", clean_caption)  # fail now, not after loading 9.5 GB
         cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
         self.device = torch.device(device) if device is not None else (cuda or torch.device("cpu"))
-        self.dtype = torch_dtype(dtype, self.device)
+        # int8: the weights held in int8 (quant.py), computing in bf16; loaded in bf16 on the CPU and quantised
+        # there, so only the int8 weights reach the device
+        self.int8 = str(dtype) == "int8"
+        self.dtype = torch.bfloat16 if self.int8 else torch_dtype(dtype, self.device)
         self.max_length, self.clean_caption, self.name = max_length, clean_caption, str(path_or_repo_id)
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -163,7 +166,12 @@ class TextEncoder:
         else:
             raise FileNotFoundError(f"{p} has neither text_encoder/ (diffusers layout) nor config.json (a T5 "
                                     f"folder); set text_encoder to a folder or Hub id with a T5, e.g. {IF_T5}")
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.eval().requires_grad_(False)
+        if self.int8:
+            import quant
+
+            quant.quantise_(self.model)
+        self.model.to(self.device)
         if self.tokenizer("a").input_ids[-1] != self.tokenizer.eos_token_id:
             raise ValueError(f"the tokenizer of {self.name} does not append </s>; IF's T5 tokenizer does")
         self.identity = self._fingerprint()
@@ -177,7 +185,8 @@ class TextEncoder:
                                        c.layer_norm_epsilon, sorted(self.tokenizer.get_vocab().items())]).encode())
         for name, p in sorted(self.model.state_dict().items()):
             h.update(name.encode() + p.flatten()[:64].float().cpu().numpy().tobytes())
-        return f"t5-d{c.d_model}-l{c.num_layers}-{str(self.dtype).removeprefix('torch.')}-{h.hexdigest()[:16]}"
+        dtype = "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
+        return f"t5-d{c.d_model}-l{c.num_layers}-{dtype}-{h.hexdigest()[:16]}"
 
     def tokenize(self, prepared: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """IF's tokenization: ids and attention mask, both [B, L] int64."""

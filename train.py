@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import data
 import diffusion
 import lora
+import quant
 import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
@@ -72,11 +73,13 @@ def lr_at(step: int, cfg: Config) -> float:
 
 def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
     """The U-Net with its trainable parameters. Returns (unet, params, where the base weights came from)."""
+    # with quantise_base the bf16 weights stay on the CPU: quantised there, only int8 reaches the device
+    load_on = torch.device("cpu") if cfg.quantise_base and device.type != "meta" else device
     if cfg.unet_config is not None:
         torch.manual_seed(cfg.seed)
-        unet, source = build(cfg.unet_config, dtype=dtype, device=device), "random init"
+        unet, source = build(cfg.unet_config, dtype=dtype, device=load_on), "random init"
     else:
-        unet, source = UNet.from_pretrained(cfg.weights, dtype=dtype, variant=cfg.variant, device=device), cfg.weights
+        unet, source = UNet.from_pretrained(cfg.weights, dtype=dtype, variant=cfg.variant, device=load_on), cfg.weights
     stage = stage_of(unet.config)
     if stage != cfg.stage:
         raise ValueError(f"{source} is a stage {stage} U-Net but the config trains stage {cfg.stage} "
@@ -94,7 +97,11 @@ def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
     else:
         params = list(unet.parameters())
     unet.train()
-    return unet.to(memory_format=torch.channels_last), params, source
+    unet = unet.to(memory_format=torch.channels_last)
+    if cfg.quantise_base:  # the frozen weights, after the adapters were added (they stay in bf16)
+        quant.quantise_(unet)
+        unet.to(device)
+    return unet, params, source
 
 
 def model_inputs(batch: dict, sched, cfg: Config, gen: torch.Generator, rank: int, world: int, device, dtype):
@@ -157,7 +164,10 @@ class Run:
 
 
 def check_options(cfg: Config, world: int) -> None:
-    """Refuse what fused_backward cannot do (optim.py), saying what to do instead."""
+    """Refuse what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do instead."""
+    if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
+        raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
+                         "model_type='lora' (QLoRA), or turn quantise_base off")
     if not cfg.fused_backward:
         return
     if cfg.gradient_accumulation_steps > 1:

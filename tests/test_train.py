@@ -310,11 +310,14 @@ def test_two_gloo_processes_equal_one(project, tmp_path):
     assert moved < 1e-5, moved
 
 
-def test_final_lora_loads_in_diffusers(project, tmp_path):
+@pytest.mark.parametrize("quantise_base", [False, True])
+def test_final_lora_loads_in_diffusers(quantise_base, project, tmp_path):
+    """The LoRA file, trained on the base as it is or on its int8 copy (QLoRA), loads into the plain base here and
+    in diffusers alike."""
     from diffusers import UNet2DConditionModel
 
     cfg = config(project, tmp_path, model_type="lora", lora_rank=4, lora_alpha=8.0, max_train_steps=2,
-                 learning_rate=1e-2)
+                 learning_rate=1e-2, quantise_base=quantise_base)
     train.main(cfg)
     out = Path(cfg.output_dir)
     meta = lora.read_lora_metadata(out / "pytorch_lora_weights.safetensors")

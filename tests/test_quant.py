@@ -1,0 +1,99 @@
+"""quant.py: int8 weights for a frozen base, what they cost, and that a LoRA trains on them as on the original."""
+
+import pytest
+import torch
+
+import lora
+import memory
+import quant
+from model import build, tiny_config
+
+
+def test_int8_round_trip_is_within_half_a_step_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3) * torch.logspace(-3, 1, 16).view(-1, 1, 1, 1)  # rows of very different sizes
+    w = w.contiguous(memory_format=torch.channels_last)
+    q, scale = quant.quantise_weight(w)
+    assert q.dtype == torch.int8 and q.is_contiguous(memory_format=torch.channels_last) and scale.shape == (16,)
+    err = (quant.dequantise(q, scale, torch.float32) - w).abs()
+    assert (err <= scale.view(-1, 1, 1, 1) / 2 * (1 + 1e-6)).all()  # round to nearest: half a step at most
+    assert (q.flatten(1).abs().amax(1) == 127).all()  # each row's largest weight uses the whole range
+
+
+def _pair(dtype=torch.float32):
+    """A tiny U-Net with LoRA, quantised; and the same with its frozen weights replaced by their dequantised
+    values (plain layers): the two must compute the same function."""
+    torch.manual_seed(0)
+    unet = build(tiny_config(1), dtype=dtype)
+    params = lora.add_lora(unet, 4, 4, [*lora.DEFAULT_TARGETS, "conv1", "conv2"])
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)  # B = 0 would leave A without a gradient
+    plain = build(tiny_config(1), dtype=dtype)
+    lora.add_lora(plain, 4, 4, [*lora.DEFAULT_TARGETS, "conv1", "conv2"])
+    plain.load_state_dict(unet.state_dict())
+    saved = quant.quantise_(unet, min_numel=1)
+    with torch.no_grad():
+        for m, ref in zip(unet.modules(), plain.modules()):
+            if quant.is_quantised(m):
+                ref.weight.copy_(m.weight)
+    return unet, plain, saved
+
+
+def _run(unet, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 32, 32, generator=g, requires_grad=True)
+    out = unet(x, torch.tensor([10, 700]), torch.randn(2, 7, 32, generator=g))
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}, x.grad
+
+
+def test_quantised_lora_unet_computes_with_the_dequantised_weights():
+    """Forward: the same ops on the same (dequantised) weights, bit for bit. Backward: the input gradient of a
+    frozen layer comes from the same weights by torch.nn.grad.conv2d_input / grad @ W instead of autograd's own
+    kernels, which may sum in another order: fp32 rounding, relative 1e-5."""
+    unet, plain, saved = _pair()
+    assert saved > 0 and not any(p.dtype == torch.int8 for p in unet.parameters())
+    assert sum(quant.is_quantised(m) for m in unet.modules()) > 10
+    out, grads, gx = _run(unet)
+    ref_out, ref_grads, ref_gx = _run(plain)
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-8)
+    assert lora.lora_state_dict(unet).keys() == lora.lora_state_dict(plain).keys()  # the LoRA file is the same
+
+
+def test_backward_keeps_int8_weights_not_dequantised_copies():
+    """Counted on fake tensors at a realistic width: a LoRA step on the int8 base holds ~1/4 of the fp32 base's
+    bytes (int8 + fp32 scales), and its activations are no larger than on the plain base (no weight copies kept)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def step(quantised: bool) -> dict:
+        config = dict(tiny_config(1), block_out_channels=[64, 128], attention_head_dim=32, norm_num_groups=16)
+        with torch.device("meta"):
+            unet = build(config)
+        params = lora.add_lora(unet, 4, 4)
+        if quantised:
+            quant.quantise_(unet)
+        live = memory.LiveBytes()
+        with FakeTensorMode(), live:
+            fresh = memory.materialise(unet)
+            x = torch.zeros(2, 3, 32, 32)
+            unet(x, torch.tensor([10, 700]), torch.zeros(2, 7, 32)).square().mean().backward()
+            frozen = [t for t in [*unet.parameters(), *unet.buffers()] if not t.requires_grad]
+            trained = [fresh[id(p)] for p in params]
+            return live.breakdown({"weights": frozen, "lora": trained, "grads": [p.grad for p in trained]})
+
+    plain, int8 = step(False), step(True)
+    assert int8["weights"] < 0.3 * plain["weights"]
+    assert int8["activations"] <= plain["activations"] * 1.02
+
+
+def test_quantise_refuses_a_full_fine_tune(tmp_path):
+    import train
+    from config import Config
+
+    with pytest.raises(ValueError, match="model_type='lora'"):
+        train.check_options(Config(model_type="full", quantise_base=True), world=1)
