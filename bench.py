@@ -788,12 +788,80 @@ def smoke_main(argv: list[str]) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# quality of the memory options (optim.py, quant.py): the CPU demo's held-out loss, option against plain AdamW
+
+QUALITY = {  # name -> the train.py options that make it; each is compared with "bf16 AdamW" at the same seed
+    "bf16 AdamW": [],
+    "8-bit moments": ["--optimizer_state=8bit"],
+    "factored v": ["--factored_second_moment=True"],
+    "fused backward": ["--fused_backward=True", "--max_grad_norm=None"],
+    "fused + 8-bit (i_xl_full_24gb)": ["--fused_backward=True", "--max_grad_norm=None", "--optimizer_state=8bit"],
+}
+QUALITY_LORA = {"bf16 LoRA": [], "LoRA on the int8 base (i_xl_lora_8gb)": ["--quantise_base=True"]}
+
+
+def _final_eval_loss(out: Path) -> float:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+
+
+def quality_main(argv: list[str]) -> None:
+    """`python bench.py --quality [--steps=200] [--seeds=3] [--out=quality.json]`: each memory option trains the
+    demo (configs/demo.py, bf16) for `steps` steps per seed, and the LoRA options the star LoRA (configs/demo_lora.py)
+    on a demo base trained first; the table is each option's held-out loss against plain bf16 AdamW's, seed by
+    seed (the same data, noise and initial weights: only the optimizer or the base differs)."""
+    opts = dict(a.lstrip("-").split("=", 1) for a in argv)
+    steps, seeds, out_path = int(opts.get("steps", 200)), int(opts.get("seeds", 3)), opts.get("out", "quality.json")
+    root = Path(tempfile.mkdtemp(prefix="quality-"))
+    common = ["--mixed_precision=bf16", f"--max_train_steps={steps}", f"--validation_steps={steps}",
+              "--validation_prompts=[]", "--checkpointing_steps=100000", "--report_to=none"]  # held-out loss only
+
+    def train(config: str, name: str, seed: int, extra: list[str]) -> float:
+        out = root / f"{Path(config).stem}-{seed}-{len(name)}-{abs(hash(name)) % 10**6}"
+        cmd = [sys.executable, "train.py", config, f"--output_dir={out}", f"--seed={seed}", *common, *extra]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent)
+        print(f"  {config} seed {seed} {name}: {_final_eval_loss(out):.5f}", file=sys.stderr, flush=True)
+        return _final_eval_loss(out)
+
+    results = {}
+    for seed in range(seeds):
+        for name, extra in QUALITY.items():
+            results.setdefault(name, []).append(train("configs/demo.py", name, seed, extra))
+    base = root / "base"  # the star LoRA's base: the demo at its own length, as the README runs it
+    subprocess.run([sys.executable, "train.py", "configs/demo.py", f"--output_dir={base}", "--validation_steps=0"],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent)
+    for seed in range(seeds):
+        for name, extra in QUALITY_LORA.items():
+            results.setdefault(name, []).append(train("configs/demo_lora.py", name, seed, [f"--pretrained={base}",
+                                                                                           *extra]))
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "machine": platform.processor(),
+              "command": "python bench.py --quality " + " ".join(argv), "steps": steps, "losses": results}
+    Path(out_path).write_text(json.dumps(report, indent=2) + "\n")
+    print_quality(report)
+
+
+def print_quality(report: dict) -> None:
+    losses = report["losses"]
+    print(f"| option | held-out loss per seed ({report['steps']} steps, demo) | vs plain bf16, per seed | worst |")
+    print("|---|---|---|---|")
+    for name, values in losses.items():
+        ref = losses["bf16 LoRA" if name in QUALITY_LORA else "bf16 AdamW"]
+        rel = [v / r - 1 for v, r in zip(values, ref)]
+        print(f"| {name} | {', '.join(f'{v:.4f}' for v in values)} | {', '.join(f'{x:+.1%}' for x in rel)} | "
+              f"{max(rel, key=abs):+.1%} |")
+
+
 def main(argv: list[str]) -> None:
     args = {"only": None, "flavour": "i-medium-400m", "device": "cuda" if torch.cuda.is_available() else "cpu",
             "out": "bench.json", "attention": "sdpa", "rounds": "1"}
     if len(argv) == 1 and argv[0].startswith("--table="):  # print a saved run's table again (e.g. for the README)
         saved = json.loads(Path(argv[0].split("=", 1)[1]).read_text())
+        if "losses" in saved:
+            return print_quality(saved)
         return print_estimates(saved["estimates"]) if "estimates" in saved else print_table(saved)
+    if argv and argv[0] == "--quality":  # the memory options' held-out loss on the CPU demo, against plain AdamW
+        return quality_main(argv[1:])
     if "--smoke" in argv:  # every training mode and the sampler on tiny U-Nets, then real-size steps on a GPU
         return smoke_main([a for a in argv if a != "--smoke"])
     if argv and argv[0] == "--estimate":  # predicted memory at real size, on fake tensors (no GPU, no weights)
