@@ -199,6 +199,13 @@ class Config:
     stage2_steps: int = _opt(50, "sample.py: stage II sampler steps")
     stage2_guidance: float = _opt(4.0, "sample.py: stage II classifier-free guidance")
     noise_level: int = _opt(250, "sample.py: stage II's augmentation level of the low-res input")
+    image: str | None = _opt(None, "sample.py: a picture to start from (img2img), to inpaint (with mask) or to upscale")
+    mask: str | None = _opt(None, "sample.py: inpainting mask, the image's size: white (>= 50% grey) = repaint")
+    strength: float | None = _opt(None, "sample.py: stage I from `image`: share of steps run (None: 0.7; mask: 1.0)")
+    stage2_strength: float | None = _opt(
+        None, "sample.py: the same for stage II (None: 0.8; upscale_only without a mask: from noise, plain upscaling)"
+    )
+    upscale_only: bool = _opt(False, "sample.py: skip stage I; stage II upscales `image` (as it is) 4x")
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -4,17 +4,32 @@
 
 writes {output_dir}/samples/<index>_<slug>.png (stage II's image when the cascade runs, stage I's also as
 ..._64.png) and a labelled grid.png, and prints their paths. One generator, seeded once, serves the prompts in
-order, so image i of a run comes out the same for the same prompts, settings, seed and device. As a library:
+order, so image i of a run comes out the same for the same prompts, settings, seed and device.
+
+From a picture (the grid then shows the picture and the mask before the samples):
+
+    python sample.py CONFIG --prompt="..." --image=photo.png [--strength=0.7]     # stage I img2img
+    python sample.py CONFIG --prompt="..." --image=photo.png --mask=mask.png      # stage I inpainting (white: repaint)
+    ... either with --stage2=ID_OR_PATH [--stage2_strength=0.8]: stage II continues from the same picture at 4x
+    python sample.py CONFIG --prompt="..." --stage2=ID_OR_PATH --upscale_only --image=small.png [--mask=...]
+
+Stage I takes the picture resized (bicubic) so its short side is `resolution` (64, as the pipelines), or to exactly
+`resolution='WxH'`. `--upscale_only` skips stage I: the picture as it is becomes stage II's low-res input, the
+output is 4x its size; stage II starts from noise, or from the picture upscaled given --mask or --stage2_strength.
+As a library:
 
     unet1, kw1 = load_unet("DeepFloyd/IF-I-XL-v1.0", lora="out/pytorch_lora_weights.safetensors")
     unet2, kw2 = load_unet("DeepFloyd/IF-II-L-v1.0")
     images64, images256 = cascade(unet1, unet2, text_emb, neg_emb, stage1_kw=kw1, stage2_kw=kw2, generator=g)
+    edited = stage1(unet1, text_emb, neg_emb, image=Image.open("photo.png"), strength=0.7, generator=g, **kw1)
 
 Same weights, embeddings and generator give the images diffusers' IFPipeline and IFSuperResolutionPipeline
 give (output_type="pt"): the same random draws in the same order (stage I: the initial noise, then one draw
 per step inside the step; stage II: the initial noise, then the low-res augmentation noise, then the steps),
 classifier-free guidance on the epsilon channels with the batch ordered [negative, positive], and the
-sampler step of diffusion.py, which equals diffusers' DDPMScheduler.step.
+sampler step of diffusion.py, which equals diffusers' DDPMScheduler.step. With a picture they equal
+IFImg2ImgPipeline, IFInpaintingPipeline, IFImg2ImgSuperResolutionPipeline and IFInpaintingSuperResolutionPipeline:
+the noise that starts the process noises the picture instead (prepare_image prepares it as they do).
 """
 
 from __future__ import annotations
@@ -23,11 +38,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+import quant
 from config import stage_of, torch_dtype
 from data import image_grid, parse_resolutions, to_pil
-from diffusion import Schedule, low_res_condition, p_sample_step, randn, scheduler_config, timesteps_for
+from diffusion import Schedule, low_res_condition, p_sample_step, q_sample, randn, scheduler_config, timesteps_for
 from lora import load_lora, merge_lora, read_lora_metadata
 from model import UNet
 
@@ -60,14 +78,57 @@ def _check_size(unet, height: int, width: int, stage: int) -> None:
                          f"this U-Net ({len(unet.config['block_out_channels'])} resolution levels)")
 
 
-def _denoise(unet, x, text_emb, neg_emb, *, low_res=None, noise_level=None, steps, guidance, variance, thresholding,
-             clip_sample, timesteps, generator, progress, desc):
-    """The reverse process from x = x_T: one U-Net call per timestep (the CFG pair batched as [negative, positive]),
-    then one ancestral step. Stage II also feeds the noised, upsampled low-res image and its noise level."""
+def _sample_size(unet, stage: int) -> int:
+    """The U-Net's native size (its config's sample_size: IF-I 64, IF-II 256), as the pipelines default to it."""
+    return unet.config.get("sample_size") or {1: 64, 2: 256}[stage]
+
+
+def _start(unet, stage, batch, height, width, steps, timesteps, image, strength, mask, generator):
+    """Where the reverse process starts: (x, the timesteps to visit, the repaint mask [1|B, 1, H, W] bool or None).
+    Text to image: x_T, pure noise of height x width (None: the U-Net's sample_size), and every timestep.
+    img2img (SDEdit, Meng et al. 2022): only the last int(steps * strength) timesteps (rounded down, as diffusers'
+    get_timesteps), and `image` noised to the first of them with one draw of noise; with a `mask` only the masked
+    pixels are noised, the others are the picture itself."""
+    ts = timesteps_for(timesteps or "leading", steps=steps)
+    if image is None:
+        if mask is not None or strength != 1.0:
+            what = "a mask" if mask is not None else f"strength={strength}"
+            raise ValueError(f"{what} needs the picture it acts on: pass image=... too")
+        height, width = height or _sample_size(unet, stage), width or _sample_size(unet, stage)
+        _check_size(unet, height, width, stage)
+        return randn((batch, 3, height, width), generator, unet.device, unet.dtype), ts, None
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength={strength} must be in (0, 1]: the share of the steps run from the noised picture "
+                         f"(small: close to the picture; 1: from almost pure noise)")
+    keep = min(int(len(ts) * strength), len(ts))
+    if keep < 1:
+        raise ValueError(f"strength={strength} of {len(ts)} steps keeps int({len(ts)} * {strength}) = 0 of them: "
+                         f"raise strength or steps")
+    ts = ts[len(ts) - keep:]
+    image, mask = _picture_and_mask(image, mask, _sample_size(unet, stage), batch)
+    image = image.to(unet.device, unet.dtype)
+    H, W = image.shape[-2:]
+    if (height or H, width or W) != (H, W):
+        raise ValueError(f"the image is {W}x{H} (WxH) but height, width = {height}, {width}: with an image leave them "
+                         f"out (its size is the output's) or resize it")
+    _check_size(unet, H, W, stage)
+    noise = randn((batch, 3, H, W), generator, unet.device, unet.dtype)
+    x = q_sample(Schedule(), image, noise, ts[0])  # (B, 3, H, W)
+    if mask is not None:
+        mask = mask.to(unet.device)
+        x = torch.where(mask, x, image)
+    return x, ts, mask
+
+
+def _denoise(unet, x, ts, text_emb, neg_emb, *, low_res=None, noise_level=None, mask=None, guidance, variance,
+             thresholding, clip_sample, generator, progress, desc):
+    """The reverse process from x at ts[0]: one U-Net call per timestep (the CFG pair batched as [negative, positive]),
+    then one ancestral step. Stage II also feeds the noised, upsampled low-res image and its noise level. With a
+    `mask` (inpainting) only the masked pixels take the step; the others keep their values, the original picture's,
+    as IF's inpainting pipelines blend (x_prev where the mask is 0)."""
     from tqdm.auto import tqdm
 
     sched, C = Schedule(), x.shape[1]
-    ts = timesteps_for(timesteps or "leading", sched.num_train_timesteps, steps)
     ts_on_device = torch.tensor(ts, device=x.device)  # copied once: indexing it per step needs no host sync
     guided = guidance > 1 and neg_emb is not None  # as the pipelines: guidance <= 1 runs the conditional model only
     text_emb = text_emb.to(x.device, unet.dtype)
@@ -82,55 +143,164 @@ def _denoise(unet, x, text_emb, neg_emb, *, low_res=None, noise_level=None, step
             eps_u, eps_c = uncond[:, :C], cond[:, :C]
             out = torch.cat([eps_u + guidance * (eps_c - eps_u), cond[:, C:]], dim=1)
         prev_t = ts[i + 1] if i + 1 < len(ts) else -1
-        x = p_sample_step(sched, out, ts[i], prev_t, x, variance=variance, thresholding=thresholding,
-                          clip_sample=clip_sample, generator=generator)
+        step = p_sample_step(sched, out, ts[i], prev_t, x, variance=variance, thresholding=thresholding,
+                             clip_sample=clip_sample, generator=generator)
+        x = step if mask is None else torch.where(mask, step, x)
     return x
 
 
 @torch.no_grad()
-def stage1(unet, text_emb, neg_emb, *, height=64, width=64, steps=100, guidance=7.0, variance="learned_range",
-           thresholding=(0.95, 1.5), clip_sample=True, timesteps=None, generator=None, progress=False) -> torch.Tensor:
+def stage1(unet, text_emb, neg_emb, *, height=None, width=None, steps=100, guidance=7.0, variance="learned_range",
+           thresholding=(0.95, 1.5), clip_sample=True, timesteps=None, generator=None, progress=False,
+           image=None, strength=1.0, mask=None) -> torch.Tensor:
     """Text to image: text_emb [B, L, 4096] (neg_emb [B or 1, L, 4096], or None for no guidance) -> [B, 3, H, W] in
-    [-1, 1]. `timesteps`: "leading" (None, diffusers' IF default) or "trailing" with `steps`, an IF respacing
-    ("smart100", ...) or a descending list, then `steps` is unused. `thresholding=(ratio, max)` is dynamic
-    thresholding (Imagen sec. 2.3); None clips x_0 to [-1, 1] (if clip_sample). The sample is kept in the U-Net's
-    dtype, as the pipeline keeps it."""
+    [-1, 1]; height x width defaults to the U-Net's sample_size (64). `timesteps`: "leading" (None, diffusers' IF
+    default) or "trailing" with `steps`, an IF respacing ("smart100", ...) or a descending list, then `steps` is
+    unused. `thresholding=(ratio, max)` is dynamic thresholding (Imagen sec. 2.3); None clips x_0 to [-1, 1] (if
+    clip_sample). The sample is kept in the U-Net's dtype, as the pipeline keeps it.
+
+    img2img (IFImg2ImgPipeline): `image` (one picture for all samples or one per sample; see prepare_image: a
+    picture is resized so its short side is the U-Net's sample_size, a tensor is taken as is) is noised to the first
+    of the last int(steps * strength) timesteps, which are then run; the output has the image's size. Inpainting
+    (IFInpaintingPipeline): a `mask` too (1 = repaint, binarised at 0.5); the pixels outside it come out exactly as
+    the (prepared) image has them."""
     _check_stage(unet, 1)
-    _check_size(unet, height, width, 1)
-    x = randn((text_emb.shape[0], 3, height, width), generator, unet.device, unet.dtype)  # x_T
-    return _denoise(unet, x, text_emb, neg_emb, steps=steps, guidance=guidance, variance=variance,
-                    thresholding=thresholding, clip_sample=clip_sample, timesteps=timesteps, generator=generator,
-                    progress=progress, desc="stage I")
+    x, ts, mask = _start(unet, 1, text_emb.shape[0], height, width, steps, timesteps, image, strength, mask,
+                         generator)  # x_T, or the noised picture
+    return _denoise(unet, x, ts, text_emb, neg_emb, mask=mask, guidance=guidance, variance=variance,
+                    thresholding=thresholding, clip_sample=clip_sample, generator=generator, progress=progress,
+                    desc="stage I")
 
 
 @torch.no_grad()
-def stage2(unet, low_res, text_emb, neg_emb, *, height=256, width=256, steps=50, guidance=4.0, noise_level=NOISE_LEVEL,
-           variance="learned_range", thresholding=(0.95, 1.0), clip_sample=True, timesteps=None, generator=None,
-           progress=False) -> torch.Tensor:
-    """Super-resolution: low_res [B, 3, h, w] in [-1, 1] -> [B, 3, height, width] in [-1, 1]. The low-res image is
-    upsampled (bilinear, align_corners=True), noised to `noise_level` on the cosine schedule (noise augmentation,
-    Ho et al. 2021 "Cascaded Diffusion Models" sec. 3.2; the U-Net gets the level as its class label) and
-    concatenated after the sample. text_emb may hold one row for all images. Other arguments as in stage1."""
+def stage2(unet, low_res, text_emb, neg_emb, *, height=None, width=None, steps=50, guidance=4.0,
+           noise_level=NOISE_LEVEL, variance="learned_range", thresholding=(0.95, 1.0), clip_sample=True,
+           timesteps=None, generator=None, progress=False, image=None, strength=1.0, mask=None) -> torch.Tensor:
+    """Super-resolution: low_res [B, 3, h, w] in [-1, 1] (or a picture, taken at its size) -> [B, 3, height, width]
+    in [-1, 1], by default the U-Net's sample_size (256). The low-res image is upsampled (bilinear,
+    align_corners=True), noised to `noise_level` on the cosine schedule (noise augmentation, Ho et al. 2021
+    "Cascaded Diffusion Models" sec. 3.2; the U-Net gets the level as its class label) and concatenated after the
+    sample. text_emb may hold one row for all images. Other arguments as in stage1.
+
+    `image` is the full-size original (diffusers' original_image; a picture is resized so its short side is the
+    U-Net's sample_size) that img2img starts from (IFImg2ImgSuperResolutionPipeline) and, with `mask`, inpainting
+    keeps outside the mask (IFInpaintingSuperResolutionPipeline); the output has its size."""
     _check_stage(unet, 2)
-    _check_size(unet, height, width, 2)
+    low_res = prepare_image(low_res)  # a picture as it is, as the super-resolution pipelines take it
     B, device, dtype = low_res.shape[0], unet.device, unet.dtype
-    x = randn((B, 3, height, width), generator, device, dtype)  # x_T, drawn before the augmentation noise
+    x, ts, mask = _start(unet, 2, B, height, width, steps, timesteps, image, strength, mask,
+                         generator)  # x_T or the noised original, drawn before the augmentation noise
+    height, width = x.shape[-2:]
     level = torch.full((), noise_level, device=device, dtype=torch.long)  # broadcasts over the batch (and CFG pair)
     noise = randn((B, low_res.shape[1], height, width), generator, device, dtype)
     up = low_res_condition(Schedule(), low_res.to(device, dtype), (height, width), noise, level)  # (B, 3, H, W)
-    return _denoise(unet, x, text_emb.expand(B, -1, -1), neg_emb, low_res=up, noise_level=level, steps=steps,
+    return _denoise(unet, x, ts, text_emb.expand(B, -1, -1), neg_emb, low_res=up, noise_level=level, mask=mask,
                     guidance=guidance, variance=variance, thresholding=thresholding, clip_sample=clip_sample,
-                    timesteps=timesteps, generator=generator, progress=progress, desc="stage II")
+                    generator=generator, progress=progress, desc="stage II")
 
 
 def cascade(unet1, unet2, text_emb, neg_emb, *, stage1_kw=None, stage2_kw=None, generator=None, progress=False):
     """IF's text-to-image cascade: stage I at its size, then stage II at 4x that size (unless stage2_kw says
-    otherwise) on stage I's output. The kw dicts are load_unet's defaults plus any overrides. -> (low, high)."""
+    otherwise, or gives an `image` whose size decides) on stage I's output. The kw dicts are load_unet's defaults
+    plus any overrides. -> (low, high)."""
     images64 = stage1(unet1, text_emb, neg_emb, generator=generator, progress=progress, **(stage1_kw or {}))
     h, w = images64.shape[-2:]
-    stage2_kw = {"height": 4 * h, "width": 4 * w, **(stage2_kw or {})}
+    stage2_kw = dict(stage2_kw or {})
+    if stage2_kw.get("image") is None:
+        stage2_kw = {"height": 4 * h, "width": 4 * w, **stage2_kw}
     images256 = stage2(unet2, images64, text_emb, neg_emb, generator=generator, progress=progress, **stage2_kw)
     return images64, images256
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures in (img2img, inpainting, super-resolution of a given picture), prepared as IF's pipelines prepare them
+
+MAX_PIXELS = 8192 * 8192  # a bigger picture is refused before it is decoded (it would be ~0.8 GB as floats)
+MAX_UPSCALE_PIXELS = 256 * 256  # upscale_only: stage II makes 4x each side, so at most ~1024x1024 (IF-II: 64 -> 256)
+
+
+def _pil(picture, what: str = "image") -> Image.Image:
+    """A path, PIL image or uint8 array (H, W[, C]) as a PIL image (a file is not decoded yet), its size checked."""
+    if isinstance(picture, (str, Path)):
+        if not Path(picture).is_file():
+            raise FileNotFoundError(f"{what} {picture} does not exist")
+        picture = Image.open(picture)
+    elif isinstance(picture, np.ndarray):
+        if picture.dtype != np.uint8:
+            raise ValueError(f"{what}: an array must hold uint8 pixels (H, W[, C]), got {picture.dtype}; pass a float "
+                             f"picture as a torch tensor [B, 3, H, W] in [-1, 1]")
+        picture = Image.fromarray(picture)
+    if not isinstance(picture, Image.Image):
+        raise TypeError(f"{what} must be a path, a PIL image, a uint8 array or a tensor, not {type(picture).__name__}")
+    if picture.width * picture.height > MAX_PIXELS:
+        raise ValueError(f"{what} is {picture.width}x{picture.height}, {picture.width * picture.height / 1e6:.0f} MP; "
+                         f"pictures above {MAX_PIXELS / 1e6:.0f} MP (sample.MAX_PIXELS) are refused: downscale it "
+                         f"first (stage I samples at 64 px, stage II at 256 px)")
+    return picture
+
+
+def pipeline_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(W, H) that IF's img2img and inpainting pipelines resize a width x height picture to: the short side becomes
+    `short_side`, the long side keeps the aspect ratio, rounded to a multiple of 8 (Python's round: halves to even)."""
+    aspect = width / height
+    if aspect >= 1:
+        return int(round(short_side / 8 * aspect) * 8), short_side
+    return short_side, int(round(short_side / 8 / aspect) * 8)
+
+
+def prepare_image(picture, size=None, *, mask: bool = False) -> torch.Tensor:
+    """A picture as the sampler takes it, prepared as IF's pipelines prepare theirs. `picture`: a path, a PIL image,
+    a uint8 array, a tensor, or a list of them (one per sample). A picture is converted to RGB (a mask to grey, "L"),
+    as the pipelines convert, but one with transparent pixels is refused (RGB would show the colours under them);
+    resized (bicubic) to `size`: an int is the short side (pipeline_size), a (W, H) pair exact, None keeps it; then
+    scaled to [-1, 1] -> [1, 3, H, W] float32, or for a mask to [0, 1] and binarised at 0.5 (1 = repaint) ->
+    [1, 1, H, W] bool. A tensor is taken as it is (not resized): [B, 3, H, W] or [3, H, W] in [-1, 1]; a mask
+    [B, 1, H, W], [B, H, W] or [H, W] in [0, 1], binarised."""
+    if isinstance(picture, (list, tuple)):
+        return torch.cat([prepare_image(p, size, mask=mask) for p in picture])
+    if isinstance(picture, torch.Tensor):
+        if mask:
+            m = picture[None, None] if picture.ndim == 2 else picture.unsqueeze(1) if picture.ndim == 3 else picture
+            return m >= 0.5
+        x = picture[None] if picture.ndim == 3 else picture
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"an image tensor must be [B, 3, H, W] or [3, H, W] in [-1, 1], got {list(picture.shape)}")
+        return x
+    what = "mask" if mask else "image"
+    im = _pil(picture, what)
+    if not mask and (im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info):
+        if im.convert("RGBA").getextrema()[3][0] < 255:
+            raise ValueError(f"{what} {getattr(im, 'filename', '') or ''} has transparent pixels, which RGB would "
+                             f"drop (the colours under them would show): flatten it onto a background first")
+    im = im.convert("L" if mask else "RGB")
+    if size is not None:
+        im = im.resize(pipeline_size(*im.size, size) if isinstance(size, int) else tuple(size), Image.BICUBIC)
+    x = torch.from_numpy(np.array(im)).float()  # (H, W) or (H, W, 3), 0..255
+    return (x / 255 >= 0.5)[None, None] if mask else (x / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def _check_same_size(image, mask) -> None:
+    """A mask given as a picture must have its picture's size (both are then resized alike)."""
+    if mask is None or any(isinstance(p, (torch.Tensor, list, tuple)) for p in (image, mask)):
+        return
+    (w, h), (mw, mh) = _pil(image).size, _pil(mask, "mask").size
+    if (w, h) != (mw, mh):
+        raise ValueError(f"the mask is {mw}x{mh} but the image is {w}x{h}: give a mask of the picture's size (white = "
+                         f"repaint, black = keep)")
+
+
+def _picture_and_mask(image, mask, size, batch: int):
+    """The original [1|B, 3, H, W] and its repaint mask [1|B, 1, H, W] bool (or None), prepared alike and checked."""
+    _check_same_size(image, mask)
+    image = prepare_image(image, size)
+    mask = None if mask is None else prepare_image(mask, size, mask=True)
+    for name, x in (("image", image), ("mask", mask)):
+        if x is not None and x.shape[0] not in (1, batch):
+            raise ValueError(f"{name} holds {x.shape[0]} pictures for {batch} samples: give one, or one per sample")
+    if mask is not None and mask.shape[-2:] != image.shape[-2:]:
+        (h, w), (mh, mw) = image.shape[-2:], mask.shape[-2:]
+        raise ValueError(f"the mask is {mw}x{mh} but the image is {w}x{h}: give a mask of the picture's size")
+    return image, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,18 +337,24 @@ def read_scheduler_config(path_or_id) -> dict | None:
         return None
 
 
-def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa", stage=None):
+def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa", stage=None,
+              quantise=None):
     """A U-Net for sampling, and its sampler settings {variance, thresholding, clip_sample, timesteps} (from the
     scheduler config beside it, else IF's; variance by auto_variance) to pass on to stage1/stage2/cascade.
     dtype: config.torch_dtype's "auto" (bf16 on GPUs with it, else fp32). A LoRA (and the biases a bitfit run
     saved with it) is loaded and merged into the weights (no extra cost per step).
-    `stage` (1 or 2) refuses weights of the other stage."""
+    `stage` (1 or 2) refuses weights of the other stage. `quantise`: hold the weights in int8 (quant.py), the
+    LoRA kept beside them unmerged, as a quantise_base run trained it; None: as the LoRA's metadata says."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch_dtype(dtype, device)
     if lora is not None and not Path(lora).is_file():
         raise FileNotFoundError(f"LoRA file {lora} does not exist; give the .safetensors a training run wrote "
                                 f"(e.g. output/pytorch_lora_weights.safetensors)")
-    unet = UNet.from_pretrained(path_or_id, subfolder="unet", dtype=dtype, variant=variant, device=device)
+    meta = read_lora_metadata(lora) if lora is not None else None
+    if quantise is None:
+        quantise = (meta or {}).get("base_quantised") == "int8"
+    load_on = torch.device("cpu") if quantise else device  # quantised on the CPU: only int8 reaches the device
+    unet = UNet.from_pretrained(path_or_id, subfolder="unet", dtype=dtype, variant=variant, device=load_on)
     unet_stage = stage_of(unet.config)
     if stage is not None:
         _check_stage(unet, stage, str(path_or_id))
@@ -189,15 +365,17 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
         raise ValueError(f"{path_or_id}: scheduler config has prediction_type={s['prediction_type']!r}, beta_schedule="
                          f"{s['beta_schedule']!r}, steps_offset={s['steps_offset']}; this sampler is IF's: epsilon, "
                          f"squaredcos_cap_v2, 0")
-    meta = None
     if lora is not None:
         try:
             load_lora(unet, lora)
         except ValueError as e:
             raise ValueError(f"LoRA {lora} does not fit the stage {ROMAN[unet_stage]} U-Net of {path_or_id} (a LoRA "
                              f"for another IF model or stage?):\n{e}") from None
-        meta = read_lora_metadata(lora)
-        merge_lora(unet)
+        if not quantise:
+            merge_lora(unet)
+    if quantise:
+        quant.quantise_(unet.requires_grad_(False))
+        unet.to(device)
     unet.set_attention_backend(attention)
     thresholding = (s["dynamic_thresholding_ratio"], s["sample_max_value"]) if s["thresholding"] else None
     return unet, dict(variance=auto_variance(meta, found), thresholding=thresholding, clip_sample=s["clip_sample"],
@@ -241,29 +419,34 @@ def estimate(cfg, unet_config: dict) -> dict:
         w, h = 4 * w, 4 * h
     steps = (cfg.steps or 100) if stage == 1 else cfg.stage2_steps
     with torch.device("meta"):
-        t5 = T5EncoderModel(_t5_config(cfg)).to(dtype)
-        unet = UNet(unet_config).to(dtype)
+        t5 = T5EncoderModel(_t5_config(cfg)).to(dtype).requires_grad_(False)
+        unet = UNet(unet_config).to(dtype).requires_grad_(False)
+    if cfg.text_encoder_dtype == "int8":
+        quant.quantise_(t5)
+    if cfg.quantise_base:
+        quant.quantise_(unet)
     out = {}
     with FakeTensorMode(), torch.no_grad():
-        with memory.LiveBytes() as live:
+        with memory.LiveBytes() as live:  # the weights are made inside: views of them are not new memory
             memory.materialise(t5)
             ids = torch.zeros(cfg.text_encoder_batch_size, cfg.tokenizer_max_length, dtype=torch.long)
             t5(ids, attention_mask=torch.ones_like(ids))
         out["t5_peak_bytes"] = live.peak
         del t5
-        memory.materialise(unet)
-        emb = torch.zeros(n, cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or 4096, dtype=dtype)
-        low = torch.zeros(n, 3, h // 4, w // 4)
         live, flops = memory.LiveBytes(), FlopCounterMode(display=False)
+        with live:
+            memory.materialise(unet)
+            weights = live.now
+            emb = torch.zeros(n, cfg.tokenizer_max_length, unet.config["encoder_hid_dim"] or 4096, dtype=dtype)
+            low = torch.zeros(n, 3, h // 4, w // 4)
         for counter in (live, flops):  # apart: FlopCounterMode keeps tensors alive a little longer
             with counter:
                 if stage == 1:
                     stage1(unet, emb, emb[:1], height=h, width=w, steps=1, generator=torch.Generator())
                 else:
                     stage2(unet, low, emb, emb[:1], height=h, width=w, steps=1, generator=torch.Generator())
-        live.peak += sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers(), emb, low])
-        out |= {"unet_peak_bytes": live.peak, "flops": flops.get_total_flops() * steps, "steps": steps,
-                "images": n, "size": [w, h], "stage": stage}
+        out |= {"unet_peak_bytes": live.peak, "unet_weights_bytes": weights, "flops": flops.get_total_flops() * steps,
+                "steps": steps, "images": n, "size": [w, h], "stage": stage}
     return out
 
 
@@ -284,10 +467,77 @@ def read_prompts(cfg) -> list[str]:
     return prompts
 
 
+STRENGTH = {"img2img": 0.7, "inpainting": 1.0, "stage2": 0.8}  # the pipelines' defaults; stage II: both modes
+
+
+def check_picture_options(cfg) -> None:
+    """Refuse picture options that cannot work together, before minutes of loading T5 and U-Nets."""
+    if cfg.image is None:
+        given = [k for k in ("mask", "strength", "stage2_strength") if getattr(cfg, k) is not None]
+        if given or cfg.upscale_only:
+            raise ValueError(f"{', '.join(given + ['upscale_only'] * cfg.upscale_only)}: needs a picture, pass "
+                             f"--image=PATH too")
+        return
+    if cfg.stage2 is None and (cfg.upscale_only or cfg.stage2_strength is not None):
+        raise ValueError(f"{'upscale_only' if cfg.upscale_only else 'stage2_strength'} is for stage II: pass "
+                         f"--stage2=ID_OR_PATH (e.g. DeepFloyd/IF-II-L-v1.0)")
+    for key, instead in (("strength", "stage2_strength"), ("lora", "stage2_lora")):
+        if cfg.upscale_only and getattr(cfg, key) is not None:
+            raise ValueError(f"{key} is stage I's, but upscale_only skips stage I: use {instead}")
+    for key in ("strength", "stage2_strength"):
+        if getattr(cfg, key) is not None and not 0 < getattr(cfg, key) <= 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be in (0, 1]: the share of the steps run from the noised "
+                             f"picture (small: close to it; 1: from almost pure noise)")
+    h, w = prepare_image(cfg.image).shape[-2:]  # it exists, is not too big, is not transparent
+    _check_same_size(cfg.image, cfg.mask)
+    if cfg.upscale_only and w * h > MAX_UPSCALE_PIXELS:
+        raise ValueError(f"upscale_only: the image is {w}x{h} and stage II makes 4x each "
+                         f"side; pictures above {MAX_UPSCALE_PIXELS} pixels (256x256, sample.MAX_UPSCALE_PIXELS) "
+                         f"are refused: downscale it first, or drop --upscale_only to start at stage I's size")
+
+
+def add_picture(cfg, kw1: dict, kw2: dict, unet2):
+    """The picture (and mask), prepared for each stage that runs, added to its keyword arguments. Stage I: resized
+    so its short side is `resolution` ('S', as the pipelines resize to 64) or to exactly 'WxH'; stage II (the
+    cascade): to 4x stage I's size. upscale_only: the picture, as it is, is stage II's low-res input and the output
+    is 4x its size (each side to the nearest multiple of the U-Net's); it also starts from it, upscaled (bicubic),
+    given a mask or stage2_strength, else stage II samples from noise. -> upscale_only's low-res input, or None."""
+    mask = cfg.mask
+    s2 = STRENGTH["stage2"] if cfg.stage2_strength is None else cfg.stage2_strength
+    if cfg.upscale_only:
+        low = prepare_image(cfg.image)  # [1, 3, h, w]
+        f, (h, w) = unet2.downsample_factor, low.shape[-2:]
+        H, W = (max(f, (4 * s + f // 2) // f * f) for s in (h, w))
+        kw2.update(height=H, width=W)
+        if mask is not None or cfg.stage2_strength is not None:
+            kw2.update(image=prepare_image(cfg.image, (W, H)), strength=s2,
+                       mask=None if mask is None else prepare_image(mask, (W, H), mask=True))
+        return low
+    ((w1, h1),) = parse_resolutions(cfg.resolution)
+    size = (w1, h1) if "x" in str(cfg.resolution).lower() else w1
+    image = prepare_image(cfg.image, size)
+    H, W = image.shape[-2:]
+    s1 = (STRENGTH["inpainting" if mask else "img2img"]) if cfg.strength is None else cfg.strength
+    kw1.update(height=H, width=W, image=image, strength=s1,
+               mask=None if mask is None else prepare_image(mask, size, mask=True))
+    kw2.update(height=4 * H, width=4 * W, image=prepare_image(cfg.image, (4 * W, 4 * H)), strength=s2,
+               mask=None if mask is None else prepare_image(mask, (4 * W, 4 * H), mask=True))
+    return None
+
+
+def _says(stage: int, weights, kw: dict) -> str:
+    if kw.get("image") is None:
+        what = ""
+    else:
+        what = f" {'inpainting' if kw.get('mask') is not None else 'img2img'} strength={kw['strength']}"
+    return f"stage {ROMAN[stage]} {weights} {kw['width']}x{kw['height']}{what} variance={kw['variance']}"
+
+
 def main(cfg) -> dict:
     """Prompts -> T5 embeddings (through the text cache training uses) -> stage I (-> stage II) -> PNGs. One
     generator on the sampling device, seeded once with cfg.seed, draws for prompt after prompt (cfg.num_images
-    each), so image i of a run is reproduced by the same prompts (in the same order), settings, seed and device."""
+    each), so image i of a run is reproduced by the same prompts (in the same order), settings, seed and device.
+    With an `image` stage I (and stage II) start from it (add_picture), or stage II alone upscales it."""
     import t5cache
 
     prompts = read_prompts(cfg)
@@ -301,6 +551,7 @@ def main(cfg) -> dict:
     for path in (cfg.lora, cfg.stage2_lora):  # fail before minutes of loading T5
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist; give the .safetensors a training run wrote")
+    check_picture_options(cfg)
 
     # the text exactly as training embeds it (same T5, settings and cache); T5-XXL (~9.5 GB in bf16) is loaded only
     # for prompts not cached yet, and freed before the U-Nets come in
@@ -308,42 +559,62 @@ def main(cfg) -> dict:
     text_emb, neg_emb = cache.get(prompts), cache.get([cfg.negative_prompt])  # [P, L, D], [1, L, D]
 
     common = dict(dtype=dtype, device=device, variant=cfg.variant, attention=cfg.attention_mechanism)
-    unet1, kw1 = load_unet(cfg.weights, lora=cfg.lora, stage=1, **common)
+    unet1, kw1 = (None, {}) if cfg.upscale_only else load_unet(cfg.weights, lora=cfg.lora, stage=1, **common,
+                                                                quantise=cfg.quantise_base or None)  # None: the LoRA's
     kw1.update(height=height, width=width, steps=cfg.steps or 100, guidance=cfg.guidance)
-    kw1["timesteps"] = cfg.timesteps or kw1["timesteps"]  # stage I only; stage II samples stage2_steps
+    kw1["timesteps"] = cfg.timesteps or kw1.get("timesteps")  # stage I only; stage II samples stage2_steps
     unet2, kw2 = load_unet(cfg.stage2, lora=cfg.stage2_lora, stage=2, **common) if cfg.stage2 else (None, {})
-    kw2.update(steps=cfg.stage2_steps, guidance=cfg.stage2_guidance, noise_level=cfg.noise_level)
+    kw2.update(height=4 * height, width=4 * width, steps=cfg.stage2_steps, guidance=cfg.stage2_guidance,
+               noise_level=cfg.noise_level)
     if cfg.variance != "auto":
         kw1["variance"] = kw2["variance"] = cfg.variance
-    print(f"sample: stage I {cfg.weights} {width}x{height} variance={kw1['variance']}"
-          + (f"; stage II {cfg.stage2} {4 * width}x{4 * height} variance={kw2['variance']}" if unet2 else ""))
+    low_in = add_picture(cfg, kw1, kw2, unet2) if cfg.image is not None else None
+    says = [_says(i + 1, w, kw) for i, (u, w, kw) in enumerate(((unet1, cfg.weights, kw1), (unet2, cfg.stage2, kw2)))
+            if u is not None]
+    print("sample: " + "; ".join(says) + (f"; upscaling {cfg.image}" if cfg.upscale_only else ""))
 
     out_dir = Path(cfg.output_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    paths, paths_low, finals, labels = [], [], [], []
+    n, paths, paths_low, finals = cfg.num_images, [], [], []
     for p, prompt in enumerate(prompts):
-        emb = text_emb[p:p + 1].expand(cfg.num_images, -1, -1)  # num_images_per_prompt, as the pipelines repeat
-        if unet2 is None:
+        emb = text_emb[p:p + 1].expand(n, -1, -1)  # num_images_per_prompt, as the pipelines repeat
+        if cfg.upscale_only:
+            low, final = None, stage2(unet2, low_in.expand(n, -1, -1, -1), emb, neg_emb, generator=generator,
+                                      progress=True, **kw2)
+        elif unet2 is None:
             low, final = None, stage1(unet1, emb, neg_emb, generator=generator, progress=True, **kw1)
         else:
             low, final = cascade(unet1, unet2, emb, neg_emb, stage1_kw=kw1, stage2_kw=kw2, generator=generator,
                                  progress=True)
         for k, image in enumerate(to_pil(final)):
-            stem = out_dir / f"{p * cfg.num_images + k:03d}_{_slug(prompt)}"
+            stem = out_dir / f"{p * n + k:03d}_{_slug(prompt)}"
             paths.append(stem.with_name(stem.name + ".png"))
             image.save(paths[-1])
             if low is not None:
-                paths_low.append(stem.with_name(f"{stem.name}_{width if width == height else f'{width}x{height}'}.png"))
+                h1, w1 = low.shape[-2:]
+                paths_low.append(stem.with_name(f"{stem.name}_{w1 if w1 == h1 else f'{w1}x{h1}'}.png"))
                 to_pil(low[k:k + 1])[0].save(paths_low[-1])
         finals += to_pil(final)
-        labels += [prompt] * cfg.num_images
+
+    # the grid: a row per prompt, the picture (and the mask: the picture, grey where repainted) at the samples'
+    # size first, then the samples
+    extras = []
+    if cfg.image is not None:
+        picture = prepare_image(cfg.image, finals[0].size)
+        extras.append(to_pil(picture)[0])
+        if cfg.mask is not None:
+            extras += to_pil(picture.masked_fill(prepare_image(cfg.mask, finals[0].size, mask=True), 0))
+    cells, labels = [], []
+    for p, prompt in enumerate(prompts):
+        cells += extras + finals[p * n:(p + 1) * n]
+        labels += ["input", "mask (grey: repainted)"][:len(extras)] + [prompt] * n
     grid = out_dir / "grid.png"
-    image_grid(finals, labels, cols=cfg.num_images if cfg.num_images > 1 else None).save(grid)
+    image_grid(cells, labels, cols=n + len(extras) if n + len(extras) > 1 else None).save(grid)
     for path in [*paths, *paths_low, grid]:
         print(path)
     return dict(images=paths, images_low=paths_low, grid=grid,
-                variance=[kw1["variance"]] + ([kw2["variance"]] if unet2 else []))
+                variance=[kw["variance"] for kw, u in ((kw1, unet1), (kw2, unet2)) if u is not None])
 
 
 if __name__ == "__main__":
