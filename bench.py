@@ -252,6 +252,63 @@ def estimate_rows() -> list[dict]:
     return rows
 
 
+MEMORY_OPTIONS = {  # name -> (model_type, gradient checkpointing, the options); the recipes' settings, and plain
+    "full, plain AdamW": ("full", "attention", {}),
+    "full, fused + 8-bit (i_xl_full_24gb)": ("full", "attention", dict(fused_backward=True, max_grad_norm=None,
+                                                                        optimizer_state="8bit")),
+    "full, fused + factored": ("full", "attention", dict(fused_backward=True, max_grad_norm=None,
+                                                         factored_second_moment=True)),
+    "full, fused + 8-bit + factored": ("full", "attention", dict(fused_backward=True, max_grad_norm=None,
+                                                                 optimizer_state="8bit", factored_second_moment=True)),
+    "LoRA r32, plain": ("lora", "full", {}),
+    "LoRA r32, int8 base (i_xl_lora_8gb)": ("lora", "full", dict(quantise_base=True, text_encoder_dtype="int8")),
+}
+
+
+def memory_option_rows(flavours=("i-medium-400m", "i-xlarge-4.3b", "ii-medium-450m", "ii-large-1.2b")) -> list[dict]:
+    """Each memory option's predicted peak per flavour (stage I batch 4 at 64 px, stage II batch 1 at 256 px), its
+    T5 cache build and sample.py's peak, on fake tensors (train.estimate_step, sample.estimate)."""
+    import config
+    import memory
+    import model
+    import sample
+    import train
+
+    rows = []
+    for flavour in flavours:
+        size = model.FLAVOURS[flavour]["resolution"]
+        square = {"instance_data_dir": "-", "resolution": size, "crop": True, "crop_aspect": "square"}
+        for name, (mode, ckpt, options) in MEMORY_OPTIONS.items():
+            print(f"memory {flavour} {name} ...", file=sys.stderr, flush=True)
+            cfg = config.Config(model_flavour=flavour, model_type=mode, lora_rank=32, train_batch_size=4 if size == 64
+                                else 1, gradient_checkpointing=ckpt, mixed_precision="bf16",
+                                output_dir=tempfile.gettempdir(), datasets=[square], **options)
+            est = train.estimate_step(cfg, flops=False)
+            row = {"flavour": flavour, "option": name, "batch": cfg.train_batch_size, "size": size,
+                   "peak_gib": est["peak_bytes"] / memory.GiB}
+            if mode == "lora":  # the rest of the job on the same card: the T5 cache and sampling
+                sampling = sample.estimate(cfg, train.unet_config_of(cfg))
+                row |= {"t5_gib": sampling["t5_peak_bytes"] / memory.GiB,
+                        "sample_gib": sampling["unet_peak_bytes"] / memory.GiB}
+            rows.append(row)
+    return rows
+
+
+def print_memory_options(rows: list[dict]) -> None:
+    import memory
+
+    def smallest(gib):
+        ok = sorted({m for m, _ in memory.GPUS.values() if memory.fits(gib * memory.GiB, m)[0]})
+        return f"{ok[0]} GB" if ok else "none listed"
+
+    print("| U-Net | job | training step | T5 cache / sample.py | smallest card (training) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rest = f"{r['t5_gib']:.1f} / {r['sample_gib']:.1f} GiB" if "t5_gib" in r else "-"
+        print(f"| {r['flavour']} (b{r['batch']}, {r['size']} px) | {r['option']} | {r['peak_gib']:.1f} GiB | {rest} | "
+              f"{smallest(r['peak_gib'])} |")
+
+
 def print_estimates(rows: list[dict]) -> None:
     """Markdown, one row per job: the predicted peak in each checkpointing mode, ours and the reference's, and the
     smallest card of memory.GPUS that holds the lowest of each (with memory.ALLOWANCE)."""
@@ -861,11 +918,20 @@ def main(argv: list[str]) -> None:
         saved = json.loads(Path(argv[0].split("=", 1)[1]).read_text())
         if "losses" in saved:
             return print_quality(saved)
+        if "memory" in saved:
+            return print_memory_options(saved["memory"])
         return print_estimates(saved["estimates"]) if "estimates" in saved else print_table(saved)
     if argv and argv[0] == "--quality":  # the memory options' held-out loss on the CPU demo, against plain AdamW
         return quality_main(argv[1:])
     if "--smoke" in argv:  # every training mode and the sampler on tiny U-Nets, then real-size steps on a GPU
         return smoke_main([a for a in argv if a != "--smoke"])
+    if argv and argv[0] == "--memory":  # the memory options' predicted peaks per flavour, on fake tensors
+        out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), "memory.json")
+        rows = memory_option_rows()
+        Path(out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                         "command": "python bench.py " + " ".join(argv), "memory": rows}, indent=2))
+        print_memory_options(rows)
+        return print(f"\nwritten to {out}")
     if argv and argv[0] == "--estimate":  # predicted memory at real size, on fake tensors (no GPU, no weights)
         out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), "estimate.json")
         rows = estimate_rows()

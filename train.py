@@ -288,6 +288,7 @@ def save_weights(unet: UNet, cfg: Config, directory: Path, source: str) -> None:
     take as the base weights."""
     variance = diffusion.sampler_variance(cfg.loss_type)
     meta = {"variance_trained": str(variance == "learned_range").lower(), "base_model": source, "stage": str(cfg.stage)}
+    meta |= {"base_quantised": "int8"} if cfg.quantise_base else {}  # sample.py then samples on the int8 base too
     if cfg.model_type == "lora":
         lora.save_lora(unet, directory / LORA_FILE, metadata=meta, biases=cfg.use_bitfit)
         return
@@ -659,7 +660,13 @@ def dry_run(cfg: Config) -> dict:
           f"(~{seconds['RTX 4090']:.1f} s on an RTX 4090, ~{seconds['H100 SXM']:.1f} s on an H100); T5 encoding "
           f"{cfg.text_encoder_batch_size} prompts at a time: peak {sampling['t5_peak_bytes'] / memory.GiB:.2f} GiB "
           f"(T5 is freed before the U-Net loads)")
-    est["sampling"] = sampling
+    # validation samples one image at a time on the training U-Net, beside everything training keeps between steps
+    resident = sum(v for k, v in parts.items() if k != "activations")
+    phases = {"T5 encoding (the text cache)": sampling["t5_peak_bytes"], "training step": est["peak_bytes"],
+              "validation (training state + sampling)": resident + sampling["unet_peak_bytes"]
+              - sampling["unet_weights_bytes"], "sample.py": sampling["unet_peak_bytes"]}
+    print("each phase's predicted peak: " + ", ".join(f"{k} {v / memory.GiB:.2f} GiB" for k, v in phases.items()))
+    est |= {"sampling": sampling, "phases_bytes": phases}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_estimate.json").write_text(json.dumps(est, indent=2) + "\n")

@@ -8,6 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memory
+import sample
 import train
 from config import Config, load_config
 from model import tiny_config
@@ -35,19 +36,23 @@ def test_live_bytes_counts_storages_once_and_frees_them(fake):
 
 
 CASES = [("lora", False, 1), ("lora", "attention", 1), ("lora", "full", 1), ("full", False, 1), ("full", "full", 1),
-         ("dora", False, 1), ("bitfit", False, 1), ("lora", False, 2)]
+         ("dora", False, 1), ("bitfit", False, 1), ("lora", False, 2), ("full fused 8bit", False, 1),
+         ("full factored", False, 1), ("lora int8", False, 1)]
+MEMORY = {"full fused 8bit": dict(fused_backward=True, max_grad_norm=None, optimizer_state="8bit"),
+          "full factored": dict(factored_second_moment=True), "lora int8": dict(quantise_base=True)}
 
 
 @pytest.mark.parametrize("kind,checkpointing,stage", CASES)
 def test_fake_step_counts_what_the_real_step_keeps(kind, checkpointing, stage, tmp_path):
     """The same train_step on fake and on real CPU tensors: the fake count of live bytes is the real one, to 1%
     (to the byte on the machines tried: every op's outputs have the sizes their shapes give)."""
-    cfg = Config(unet_config=tiny(stage), model_type="full" if kind in ("full", "bitfit") else "lora",
+    cfg = Config(unet_config=tiny(stage), model_type="full" if kind.startswith(("full", "bitfit")) else "lora",
                  use_dora=kind == "dora", use_bitfit=kind == "bitfit", lora_rank=4,
                  gradient_checkpointing=checkpointing, train_batch_size=2, tokenizer_max_length=7,
-                 output_dir=str(tmp_path), use_ema=kind == "full",
+                 output_dir=str(tmp_path), use_ema=kind == "full",  # the memory options: mixed_precision auto
                  datasets=[{"instance_data_dir": "nowhere", "resolution": 32 * stage, "crop": True,
-                            "crop_aspect": "square"}], **({"model_flavour": "ii-medium-450m"} if stage == 2 else {}))
+                            "crop_aspect": "square"}], **({"model_flavour": "ii-medium-450m"} if stage == 2 else {}),
+                 **MEMORY.get(kind, {}))
     fake, real = train.estimate_step(cfg, fake=True), train.estimate_step(cfg, fake=False)
     assert real["resolution"] == [32 * stage, 32 * stage]
     assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.01 * real["peak_bytes"], (fake, real)
@@ -70,6 +75,20 @@ def test_dry_run_of_a_real_size_flavour(tmp_path, capsys):
     sampling = saved["sampling"]  # sample.py with this U-Net: T5-XXL, then the stage I sampler
     assert sampling["t5_peak_bytes"] > 9 * 2**30 and 2 * n_params <= sampling["unet_peak_bytes"] < 4 * n_params
     assert "24 GB" in capsys.readouterr().out
+
+
+def test_the_small_card_recipes_fit_their_targets(tmp_path):
+    """configs/i_xl_full_24gb.py: a full IF-I-XL fine-tune under 20 GiB (34 GiB without its options);
+    configs/i_xl_lora_8gb.py: the LoRA step, the T5-XXL cache build and sampling each under 6 GiB."""
+    full = load_config(["configs/i_xl_full_24gb.py", f"--output_dir={tmp_path}"])
+    est = train.estimate_step(full, flops=False)
+    assert est["peak_bytes"] < 20 * 2**30 and est["grads_bytes"] == 0
+    assert est["optimizer_bytes"] < 1.05 * est["trainable_bytes"]  # two 8-bit moments per bf16 weight (bf16: 2x)
+    small = load_config(["configs/i_xl_lora_8gb.py", f"--output_dir={tmp_path}"])
+    est = train.estimate_step(small, flops=False)
+    assert est["peak_bytes"] < 6 * 2**30 and est["weights_bytes"] < 4.2 * 2**30  # int8: ~1 byte per base weight
+    sampling = sample.estimate(small, train.unet_config_of(small))
+    assert sampling["t5_peak_bytes"] < 6 * 2**30 and sampling["unet_peak_bytes"] < 6 * 2**30
 
 
 RSS_SCRIPT = """

@@ -97,3 +97,29 @@ def test_quantise_refuses_a_full_fine_tune(tmp_path):
 
     with pytest.raises(ValueError, match="model_type='lora'"):
         train.check_options(Config(model_type="full", quantise_base=True), world=1)
+
+
+def test_sample_py_samples_on_the_int8_base_a_quantise_base_lora_names(tmp_path):
+    """A LoRA file that says its base was int8 is loaded unmerged onto an int8 base by sample.load_unet, which then
+    gives the image the training U-Net (LoRA on the quantised base) gives; quantise=False merges it into bf16."""
+    import sample
+
+    torch.manual_seed(0)
+    base = build(tiny_config(1))
+    base.save_pretrained(tmp_path / "base" / "unet")
+    trained = build(tiny_config(1))
+    trained.load_state_dict(base.state_dict())
+    params = lora.add_lora(trained, 4, 4)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    quant.quantise_(trained)
+    lora.save_lora(trained, tmp_path / "l.safetensors", metadata={"base_quantised": "int8"})
+    unet, _ = sample.load_unet(tmp_path / "base", lora=tmp_path / "l.safetensors", dtype="fp32", device="cpu")
+    assert sum(quant.is_quantised(m) for m in unet.modules()) > 10
+    x, t, text = torch.randn(1, 3, 32, 32), torch.tensor([300]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, text), trained.eval()(x, t, text))
+    plain, _ = sample.load_unet(tmp_path / "base", lora=tmp_path / "l.safetensors", dtype="fp32", device="cpu",
+                                quantise=False)
+    assert not any(quant.is_quantised(m) for m in plain.modules())
