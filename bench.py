@@ -900,6 +900,49 @@ def quality_main(argv: list[str]) -> None:
     print_quality(report)
 
 
+def _captions(n: int) -> list[str]:
+    """n captions of the kind people train on: subject, action, place, style, in every combination's order."""
+    import itertools
+    import random
+
+    subjects = ["a corgi", "an old fisherman", "a red vintage car", "a bowl of ramen", "a lighthouse", "two cats",
+                "a woman in a yellow raincoat", "a robot", "a castle", "a bouquet of tulips", "my grandmother's house"]
+    actions = ["sitting", "standing in the rain", "at sunset", "in the snow", "on a wooden table", "running",
+               "seen from above", "close up"]
+    places = ["in Paris", "on a beach", "in a forest", "in a neon-lit street", "in a studio", "on the moon", ""]
+    styles = ["a photo", "an oil painting", "a watercolour", "a pencil sketch", "a 3d render", "an anime still",
+              "a polaroid"]
+    every = [f"{st} of {su} {a} {p}".strip() for st, su, a, p in itertools.product(styles, subjects, actions, places)]
+    return random.Random(0).sample(every, n)
+
+
+def t5_int8_main(argv: list[str]) -> None:
+    """`python bench.py --t5int8 [--captions=300] [--d_model=512] [--layers=8]`: the T5 embeddings of int8 weights
+    (text_encoder_dtype='int8') against bf16 ones on the same captions, both computing in bf16: the largest
+    relative error of a token's embedding and the cosine similarity per token (lowest and mean). The T5 has random
+    weights of the given size (T5-XXL's own cannot be downloaded here), so this bounds the method, not the model."""
+    import t5cache
+
+    opts = dict(a.lstrip("-").split("=", 1) for a in argv)
+    n, d, layers = int(opts.get("captions", 300)), int(opts.get("d_model", 512)), int(opts.get("layers", 8))
+    captions = _captions(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = t5cache.make_tiny_t5(Path(tmp) / "t5", captions + [""], d_model=d, layers=layers, heads=8,
+                                      d_ff=4 * d, vocab_size=2000)
+        emb, masks = {}, None
+        for dtype in ("bf16", "int8"):
+            enc = t5cache.TextEncoder(str(folder), dtype=dtype, device="cpu")
+            parts = [enc.encode(captions[i : i + 32], return_mask=True) for i in range(0, n, 32)]
+            emb[dtype] = torch.cat([e for e, _ in parts]).float()
+            masks = torch.cat([m for _, m in parts]).bool()
+    a, b = emb["bf16"][masks], emb["int8"][masks]  # the real tokens of every caption: [tokens, D]
+    rel = ((b - a).norm(dim=-1) / a.norm(dim=-1)).max().item()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    report = {"captions": n, "tokens": int(masks.sum()), "d_model": d, "layers": layers,
+              "max_relative_error": rel, "cosine_min": cos.min().item(), "cosine_mean": cos.mean().item()}
+    print(json.dumps(report, indent=2))
+
+
 def print_quality(report: dict) -> None:
     losses = report["losses"]
     print(f"| option | held-out loss per seed ({report['steps']} steps) | against plain AdamW/LoRA, per seed | worst |")
@@ -921,6 +964,8 @@ def main(argv: list[str]) -> None:
         if "memory" in saved:
             return print_memory_options(saved["memory"])
         return print_estimates(saved["estimates"]) if "estimates" in saved else print_table(saved)
+    if argv and argv[0] == "--t5int8":  # the int8 T5's embeddings against the bf16 T5's
+        return t5_int8_main(argv[1:])
     if argv and argv[0] == "--quality":  # the memory options' held-out loss on the CPU demo, against plain AdamW
         return quality_main(argv[1:])
     if "--smoke" in argv:  # every training mode and the sampler on tiny U-Nets, then real-size steps on a GPU
