@@ -7,6 +7,9 @@
     python bench.py --table=bench.json                     # print a saved (or interrupted) run's table again
     python bench.py --estimate --out=estimate.json         # predicted GPU memory of every flavour and job (no GPU)
     python bench.py --device=cuda --smoke                  # does everything run? (smoke_rows); exits 1 if not
+    python bench.py --memory                               # each memory option's predicted peak per flavour
+    python bench.py --quality                              # what the memory options cost: demo held-out loss
+    python bench.py --t5int8                               # int8 T5's embeddings against bf16's
 
 Every measurement runs in a fresh subprocess, so peak memory is honest. Timed parts repeat after a warm-up and
 report medians; with --rounds=N each row runs N times, ours and the reference in turn, and reports the medians
@@ -537,7 +540,9 @@ def print_table(report: dict) -> None:
 # The training modes as Config keys; "bitfit" alone is a full fine-tune of the biases only, as train.py runs it
 KINDS = {"lora": dict(model_type="lora"), "dora": dict(model_type="lora", use_dora=True),
          "lora+bitfit": dict(model_type="lora", use_bitfit=True), "full": dict(model_type="full"),
-         "bitfit": dict(model_type="full", use_bitfit=True)}
+         "bitfit": dict(model_type="full", use_bitfit=True),
+         "full fused 8bit": dict(model_type="full", fused_backward=True, max_grad_norm=None, optimizer_state="8bit"),
+         "lora int8 factored": dict(model_type="lora", quantise_base=True, factored_second_moment=True)}
 SMOKE_BUDGET_S = 540  # no real-size row starts (or runs on) past this: the whole GPU smoke stays under 10 minutes
 SMOKE_PROMPT = "a red square"  # a training caption, so it is in the text cache the rows build
 
@@ -555,6 +560,8 @@ def smoke_rows(device: str) -> list[dict]:
         II     lora+bitfit  "full"         math       eager
         II     full         False          sdpa       eager
         I      lora         "attention"    xformers   eager (CUDA with xformers installed; else reported skipped)
+        I      full, fused backward + 8-bit moments, "attention", sdpa, eager
+        II     LoRA on the int8 base + factored moments, False, sdpa, eager
 
     mixed_precision is bf16 on CUDA, fp32 on the CPU. On the CPU only the first row is compiled: inductor needs
     1.5-2 minutes of two cores for it from a cold cache (15-30 s warm), and 2-4 minutes for each of the other three
@@ -565,7 +572,9 @@ def smoke_rows(device: str) -> list[dict]:
             dict(stage=2, kind="bitfit", ckpt="attention", attention="sdpa"),
             dict(stage=2, kind="lora+bitfit", ckpt="full", attention="math"),
             dict(stage=2, kind="full", ckpt=False, attention="sdpa"),
-            dict(stage=1, kind="lora", ckpt="attention", attention="xformers")]
+            dict(stage=1, kind="lora", ckpt="attention", attention="xformers"),
+            dict(stage=1, kind="full fused 8bit", ckpt="attention", attention="sdpa"),
+            dict(stage=2, kind="lora int8 factored", ckpt=False, attention="sdpa")]
     compiled = rows[:4] if device == "cuda" else rows[:1]
     return [{**r, "compile": False} for r in rows] + [{**r, "compile": True} for r in compiled]
 

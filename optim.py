@@ -141,7 +141,7 @@ class AdamW:
         self.master = self.flat.float() if self.flat.dtype != torch.float32 and fp32_master else None
         if state == "bf16" and not self.rounded:  # fp32 weights or masters: the states are fp32 too
             state = "fp32"
-        self.state_kind, self.factored, self.fused, self.generator = state, factored, fused, generator
+        self.factored, self.fused, self.generator = factored, fused, generator
         self.exp_avg = State(n, state, p0.device, signed=True, generator=generator)
         # the second moment: factored per matrix (fp32 rows and columns), else a flat State like the first
         self.rows, self.cols, self.vec = {}, {}, {}  # parameter index -> fp32 tensor
