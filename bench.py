@@ -873,11 +873,12 @@ def _final_eval_loss(out: Path) -> float:
 
 
 def quality_main(argv: list[str]) -> None:
-    """`python bench.py --quality [--steps=120] [--seeds=3] [--out=quality.json]`: each memory option trains the
-    demo (configs/demo.py, in its CPU precision, fp32) for `steps` steps per seed, and the LoRA options the star LoRA
-    (configs/demo_lora.py) on a demo base trained first for 2 x steps; the table is each option's held-out loss
-    against plain AdamW's, seed by seed (the same data, noise and initial weights: only the optimizer or the base
-    differs). bf16 is left to the GPU: on CPUs without bf16 hardware it is many times slower."""
+    """`python bench.py --quality [--steps=120] [--seeds=3] [--only=demo,lora] [--out=quality.json]`: each memory
+    option trains the demo (configs/demo.py, in its CPU precision, fp32) for `steps` steps per seed, and the LoRA
+    options the star LoRA (configs/demo_lora.py) on a demo base trained first for 2 x steps; the table is each
+    option's held-out loss against plain AdamW's, seed by seed (the same data, noise and initial weights: only the
+    optimizer or the base differs). bf16 is left to the GPU: on CPUs without bf16 hardware it is many times
+    slower."""
     opts = dict(a.lstrip("-").split("=", 1) for a in argv)
     steps, seeds, out_path = int(opts.get("steps", 120)), int(opts.get("seeds", 3)), opts.get("out", "quality.json")
     root = Path(tempfile.mkdtemp(prefix="quality-"))
@@ -891,15 +892,15 @@ def quality_main(argv: list[str]) -> None:
         print(f"  {config} seed {seed} {name}: {_final_eval_loss(out):.5f}", file=sys.stderr, flush=True)
         return _final_eval_loss(out)
 
-    results = {}
-    for seed in range(seeds):
+    results, only = {}, opts.get("only", "demo,lora").split(",")
+    for seed in range(seeds) if "demo" in only else []:
         for name, extra in QUALITY.items():
             results.setdefault(name, []).append(train("configs/demo.py", name, seed, extra))
     base = root / "base"  # the star LoRA's base
     subprocess.run([sys.executable, "train.py", "configs/demo.py", f"--output_dir={base}", "--validation_steps=0",
                     f"--max_train_steps={2 * steps}"],
-                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent)
-    for seed in range(seeds):
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent) if "lora" in only else None
+    for seed in range(seeds) if "lora" in only else []:
         for name, extra in QUALITY_LORA.items():
             results.setdefault(name, []).append(train("configs/demo_lora.py", name, seed, [f"--pretrained={base}",
                                                                                            *extra]))
@@ -957,7 +958,9 @@ def print_quality(report: dict) -> None:
     print(f"| option | held-out loss per seed ({report['steps']} steps) | against plain AdamW/LoRA, per seed | worst |")
     print("|---|---|---|---|")
     for name, values in losses.items():
-        ref = losses["LoRA" if name in QUALITY_LORA else "AdamW"]
+        ref = losses.get("LoRA" if name in QUALITY_LORA else "AdamW")
+        if ref is None:
+            continue
         rel = [v / r - 1 for v, r in zip(values, ref)]
         print(f"| {name} | {', '.join(f'{v:.4f}' for v in values)} | {', '.join(f'{x:+.1%}' for x in rel)} | "
               f"{max(rel, key=abs):+.1%} |")
