@@ -257,11 +257,10 @@ def estimate_rows() -> list[dict]:
 
 MEMORY_OPTIONS = {  # name -> (model_type, gradient checkpointing, the options); the recipes' settings, and plain
     "full, plain AdamW": ("full", "attention", {}),
-    "full, fused + 8-bit (i_xl_full_24gb)": ("full", "attention", dict(fused_backward=True, max_grad_norm=None,
-                                                                        optimizer_state="8bit")),
-    "full, fused + factored": ("full", "attention", dict(fused_backward=True, max_grad_norm=None,
+    "full, fused + 8-bit (i_xl_full_24gb)": ("full", "attention", dict(fused_backward=True, optimizer_state="8bit")),
+    "full, fused + factored": ("full", "attention", dict(fused_backward=True,
                                                          factored_second_moment=True)),
-    "full, fused + 8-bit + factored": ("full", "attention", dict(fused_backward=True, max_grad_norm=None,
+    "full, fused + 8-bit + factored": ("full", "attention", dict(fused_backward=True,
                                                                  optimizer_state="8bit", factored_second_moment=True)),
     "LoRA r32, plain": ("lora", "full", {}),
     "LoRA r32, int8 base (i_xl_lora_8gb)": ("lora", "full", dict(quantise_base=True, text_encoder_dtype="int8")),
@@ -541,7 +540,7 @@ def print_table(report: dict) -> None:
 KINDS = {"lora": dict(model_type="lora"), "dora": dict(model_type="lora", use_dora=True),
          "lora+bitfit": dict(model_type="lora", use_bitfit=True), "full": dict(model_type="full"),
          "bitfit": dict(model_type="full", use_bitfit=True),
-         "full fused 8bit": dict(model_type="full", fused_backward=True, max_grad_norm=None, optimizer_state="8bit"),
+         "full fused 8bit": dict(model_type="full", fused_backward=True, optimizer_state="8bit"),
          "lora int8 factored": dict(model_type="lora", quantise_base=True, factored_second_moment=True)}
 SMOKE_BUDGET_S = 540  # no real-size row starts (or runs on) past this: the whole GPU smoke stays under 10 minutes
 SMOKE_PROMPT = "a red square"  # a training caption, so it is in the text cache the rows build
@@ -862,7 +861,7 @@ QUALITY = {  # name -> the train.py options that make it; each is compared with 
     "AdamW": [],
     "8-bit moments": ["--optimizer_state=8bit"],
     "factored v": ["--factored_second_moment=True"],
-    "fused + 8-bit (i_xl_full_24gb)": ["--fused_backward=True", "--max_grad_norm=None", "--optimizer_state=8bit"],
+    "fused + 8-bit (i_xl_full_24gb)": ["--fused_backward=True", "--optimizer_state=8bit"],
 }
 QUALITY_LORA = {"LoRA": [], "LoRA on the int8 base (i_xl_lora_8gb)": ["--quantise_base=True"]}
 
@@ -873,9 +872,9 @@ def _final_eval_loss(out: Path) -> float:
 
 
 def quality_main(argv: list[str]) -> None:
-    """`python bench.py --quality [--steps=120] [--seeds=3] [--only=demo,lora] [--out=quality.json]`: each memory
-    option trains the demo (configs/demo.py, in its CPU precision, fp32) for `steps` steps per seed, and the LoRA
-    options the star LoRA (configs/demo_lora.py) on a demo base trained first for 2 x steps; the table is each
+    """`python bench.py --quality [--steps=120] [--seeds=3] [--only=demo,lora] [--match=fused] [--out=FILE]`:
+    each memory option trains the demo (configs/demo.py, in its CPU precision, fp32) for `steps` steps per seed, and
+    the LoRA options the star LoRA (configs/demo_lora.py) on a demo base trained first for 2 x steps; the table is each
     option's held-out loss against plain AdamW's, seed by seed (the same data, noise and initial weights: only the
     optimizer or the base differs). bf16 is left to the GPU: on CPUs without bf16 hardware it is many times
     slower."""
@@ -893,8 +892,9 @@ def quality_main(argv: list[str]) -> None:
         return _final_eval_loss(out)
 
     results, only = {}, opts.get("only", "demo,lora").split(",")
+    match = opts.get("match", "").split(",")  # only the demo options whose names contain one of these
     for seed in range(seeds) if "demo" in only else []:
-        for name, extra in QUALITY.items():
+        for name, extra in [(k, v) for k, v in QUALITY.items() if any(m in k for m in match)]:
             results.setdefault(name, []).append(train("configs/demo.py", name, seed, extra))
     base = root / "base"  # the star LoRA's base
     subprocess.run([sys.executable, "train.py", "configs/demo.py", f"--output_dir={base}", "--validation_steps=0",

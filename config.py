@@ -104,7 +104,7 @@ class Config:
     )
     factored_second_moment: bool = _opt(False, "Adafactor's second moment for matrices: row and column means only")
     fused_backward: bool = _opt(
-        False, "step each parameter inside backward and free its gradient (no gradient buffer; no clipping or accum.)"
+        False, "step each weight inside backward, free its gradient (no accumulation; clips by the last step's norm)"
     )
     quantise_base: bool = _opt(False, "LoRA: hold the frozen U-Net weights in int8, per-channel scales (QLoRA-style)")
 
@@ -205,7 +205,12 @@ class Config:
     stage2_strength: float | None = _opt(
         None, "sample.py: the same for stage II (None: 0.8; upscale_only without a mask: from noise, plain upscaling)"
     )
-    upscale_only: bool = _opt(False, "sample.py: skip stage I; stage II upscales `image` (as it is) 4x")
+    upscale_only: bool = _opt(False, "sample.py: skip stage I; stage II (or stage III alone) upscales `image` 4x")
+    stage3: str | None = _opt(None, "sample.py: stage III, the x4 upscaler (folder or Hub id); 4x stage II's images")
+    stage3_lora: str | None = _opt(None, "sample.py: a LoRA .safetensors for the stage III (x4) U-Net")
+    stage3_steps: int = _opt(75, "sample.py: stage III sampler steps")
+    stage3_guidance: float = _opt(9.0, "sample.py: stage III classifier-free guidance")
+    stage3_noise_level: int = _opt(100, "sample.py: stage III's augmentation level of its input, 0 to 350")
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -14,9 +14,9 @@ Three independent options, each changing one thing:
   rows + columns of fp32 instead of rows x columns. Vectors keep their full second moment (in fp32: they are small).
 - `fused`: the update of each parameter runs as soon as its gradient is complete (a post-accumulate-grad hook), and
   the gradient is freed at once, so no full gradient buffer ever exists (-8 GiB at IF-I-XL size). The maths is the
-  same; what cannot be the same is said where it applies: no gradient accumulation (it needs the full gradient),
-  no clipping by the global norm (not known until every parameter has stepped), and a non-finite gradient skips
-  the update of the parameters it reached, not of the whole step.
+  same; what cannot be the same is said where it applies: no gradient accumulation (it needs the full gradient);
+  clipping by the global norm uses the previous step's norm (this step's is known only once every parameter has
+  stepped: `clip`); and a non-finite gradient skips the update of the parameters it reached, not the whole step.
 
 The update is the same for all of them (Loshchilov & Hutter 2019, Algorithm 2, with bias correction):
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
@@ -121,7 +121,7 @@ class AdamW:
     it instead of ~20 small kernels per tensor. Unfused, the gradients are views of a second flat buffer."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, fp32_master=False,
-                 generator=None, state="bf16", factored=False, fused=False):
+                 generator=None, state="bf16", factored=False, fused=False, clip=None):
         self.params, self.lr, self.betas, self.eps, self.weight_decay = list(params), lr, betas, eps, weight_decay
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
@@ -155,7 +155,8 @@ class AdamW:
             self.exp_avg_sq = None
         else:
             self.exp_avg_sq = State(n, state, p0.device, signed=False, generator=generator)
-        self.step_count, self._lr, self._sq = 0, lr, []
+        self.step_count, self._lr, self._sq, self._scale = 0, lr, [], None
+        self.clip, self.last_norm = clip, None  # fused: clip to `clip` by the previous step's gradient norm
         if fused:
             self.grad = None
             for i, p in enumerate(self.params):
@@ -204,10 +205,11 @@ class AdamW:
                 self.master[s].copy_(new)
             self.flat[s].copy_(new)
 
-    def _update_parameter(self, i: int, grad: torch.Tensor, lr: float, ok=None) -> None:
+    def _update_parameter(self, i: int, grad: torch.Tensor, lr: float, ok=None, scale=None) -> None:
         """The update of parameter i from its gradient `grad` (flat, in the parameter's memory order, any float
-        dtype), a piece of at most ~CHUNK values at a time. A factored matrix first updates its row and column
-        means in one pass over the gradient, then steps whole rows at a time with v = row col^T / mean(row)."""
+        dtype; times `scale`, the clipping factor, if given), a piece of at most ~CHUNK values at a time. A factored
+        matrix first updates its row and column means in one pass over the gradient, then steps whole rows at a
+        time with v = row col^T / mean(row)."""
         n, offset, b2 = grad.numel(), self.offsets[i], self.betas[1]
         if i in self.rows:
             row, col = self.rows[i], self.cols[i]
@@ -217,16 +219,17 @@ class AdamW:
             means, col_sum = torch.empty_like(row), torch.zeros_like(col)
             for r in range(0, R, k):
                 g2 = grad[r * C : (r + k) * C].to(torch.float32, copy=True).view(-1, C)
+                g2 = g2.mul_(scale) if scale is not None else g2
                 g2.square_().add_(1e-30)  # no exact zeros, as in Adafactor
                 means[r : r + k], col_sum = g2.mean(1), col_sum.add_(g2.sum(0))
             del g2
             for state, new in ((row, means), (col, col_sum.div_(R))):
                 state.copy_(state.lerp(new, 1 - b2) if ok is None else torch.where(ok, state.lerp(new, 1 - b2), state))
-            scale = 1 / row.mean()  # v ~ row col^T / mean(row): the same bias (1 - b2^t) as v itself
-            pieces = [(r * C, min(R, r + k) * C, lambda r=r: (row[r : r + k, None] * scale * col).view(-1))
+            inv_mean = 1 / row.mean()  # v ~ row col^T / mean(row): the same bias (1 - b2^t) as v itself
+            pieces = [(r * C, min(R, r + k) * C, lambda r=r: (row[r : r + k, None] * inv_mean * col).view(-1))
                       for r in range(0, R, k)]
         elif i in self.vec:  # a vector in a factored run: its full second moment, in fp32
-            vec, g = self.vec[i][:n], grad.float()
+            vec, g = self.vec[i][:n], grad.float() * (1 if scale is None else scale)
             new = vec.mul(b2).addcmul_(g, g, value=1 - b2)
             vec.copy_(new if ok is None else torch.where(ok, new, vec))
             del g, new
@@ -236,6 +239,7 @@ class AdamW:
         for a, b, second in pieces:
             pad = -(b - a) % BLOCK  # the last piece is padded to a whole block with zeros (zero gradient, no update)
             g = torch.nn.functional.pad(grad[a:b].float(), (0, pad))
+            g = g.mul_(scale) if scale is not None else g
             v = None if second is None else torch.nn.functional.pad(second(), (0, pad))
             self._update(slice(offset + a, offset + b + pad), g, lr, ok, v)
             del g, v
@@ -266,7 +270,10 @@ class AdamW:
     # ---- fused: begin(lr), backward, end() ---------------------------------------------------
     def begin(self, lr: float | None = None) -> None:
         self.step_count += 1
-        self._lr, self._sq = self.lr if lr is None else lr, []
+        self._lr, self._sq, self._scale = self.lr if lr is None else lr, [], None
+        if self.clip is not None and self.last_norm is not None:  # as unfused clipping, with last step's norm
+            last = self.last_norm
+            self._scale = torch.where(torch.isfinite(last), torch.clamp(self.clip / (last + 1e-6), max=1.0), 1.0)
 
     @torch.no_grad()
     def _hook(self, i: int, p: torch.Tensor) -> None:
@@ -276,17 +283,19 @@ class AdamW:
         grad = grad.as_strided((p.numel(),), (1,))
         sq = _norm(grad).square()
         self._sq.append(sq)
-        self._update_parameter(i, grad, self._lr, ok=torch.isfinite(sq))
+        self._update_parameter(i, grad, self._lr, ok=torch.isfinite(sq), scale=self._scale)
 
     def end(self) -> torch.Tensor:
-        """The norm of the gradient that was applied (non-finite if some parameter's was: those kept their weights)."""
+        """The norm of this step's gradient, before clipping (non-finite if some parameter's was: those kept their
+        weights); the next step clips by it."""
         norm = torch.stack(self._sq).sum().sqrt() if self._sq else torch.zeros(())
-        self._sq = []
+        self._sq, self.last_norm = [], norm
         return norm
 
     # ---- checkpoints: the states as they are stored (8-bit stays 8-bit) -----------------------
     def state_dict(self) -> dict:
         state = self.exp_avg.state_dict("exp_avg") | {"step": torch.tensor(self.step_count)}
+        state |= {"last_norm": self.last_norm} if self.clip is not None and self.last_norm is not None else {}
         if self.exp_avg_sq is not None:
             state |= self.exp_avg_sq.state_dict("exp_avg_sq")
         for name, d in (("row", self.rows), ("col", self.cols), ("vec", self.vec)):
@@ -301,6 +310,7 @@ class AdamW:
             for i, t in d.items():
                 t.copy_(state[f"{name}.{i}"])
         self.step_count = int(state["step"])
+        self.last_norm = state["last_norm"].to(self.flat.device) if "last_norm" in state else None
         if self.master is not None:
             self.master.copy_(state["master"])
 

@@ -48,7 +48,8 @@ def optimizer_for(cfg: Config, params: list, generator: torch.Generator | None =
     """The run's AdamW over `params`, as the config sets it (`generator`: stochastic rounding's draws)."""
     return AdamW(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.adam_weight_decay,
                  cfg.fp32_master, generator=generator, state="8bit" if cfg.optimizer_state == "8bit" else "bf16",
-                 factored=cfg.factored_second_moment, fused=cfg.fused_backward)
+                 factored=cfg.factored_second_moment, fused=cfg.fused_backward,
+                 clip=cfg.max_grad_norm if cfg.fused_backward else None)  # fused: by the previous step's norm
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -174,9 +175,6 @@ def check_options(cfg: Config, world: int) -> None:
         raise ValueError("fused_backward updates each parameter as soon as its gradient is complete, so gradients "
                          "cannot accumulate over micro-batches: set gradient_accumulation_steps=1 (raise "
                          "train_batch_size instead), or turn fused_backward off")
-    if cfg.max_grad_norm is not None:
-        raise ValueError("fused_backward cannot clip by the global gradient norm (it is known only after every "
-                         "parameter has stepped): set max_grad_norm=None, or turn fused_backward off")
     if world > 1:
         raise ValueError("fused_backward would step on each rank's own gradient, before DDP averages it: train on "
                          "one process, or turn fused_backward off")

@@ -6,8 +6,8 @@
 # Plain pure-bf16 AdamW holds four copies of the model: weights, gradients and two moments, 4 x 8 GiB, plus
 # activations: a 34 GiB peak (dry run, batch 4 at 64 px). Two options, both in optim.py, bring it to ~18.4 GiB:
 # - fused_backward: each weight takes its AdamW step the moment its gradient is complete, and the gradient is
-#   freed at once, so no 8 GiB gradient buffer ever exists. It cannot clip by the global gradient norm (known
-#   only after every weight has stepped) nor accumulate gradients: max_grad_norm=None, accumulation 1.
+#   freed at once, so no 8 GiB gradient buffer ever exists. It cannot accumulate gradients (accumulation 1), and
+#   it clips by the previous step's global gradient norm (this step's is known only after every weight stepped).
 # - optimizer_state="8bit": the two moments in 8-bit blocks of 256 (Dettmers et al. 2022), 8 GiB less again.
 #   (factored_second_moment=True, Adafactor's row/column second moment, fits as well: about the same peak.)
 # The held-out loss these cost on the CPU demo against plain AdamW is in the README (bench.py --quality).
@@ -16,7 +16,6 @@ include("i_xl.py")
 
 model_type = "full"
 fused_backward = True
-max_grad_norm = None  # fused_backward cannot clip (see above); a lower learning rate is the usual guard
 gradient_accumulation_steps = 1
 optimizer_state = "8bit"
 learning_rate = 1e-5  # every weight moves: a quarter of the LoRA configs' rate

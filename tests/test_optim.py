@@ -275,3 +275,28 @@ def test_checkpoint_state_is_stored_compact_and_restores_exactly():
     b = _train(False, torch.bfloat16, steps=0, state="8bit")
     b.flat.copy_(a.flat), b.load_state_dict({k: v.clone() for k, v in state.items()})
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in state.items())
+
+
+def test_fused_clipping_uses_the_previous_steps_norm():
+    """fused + clip equals the unfused step whose gradient is scaled by min(1, clip / (norm of the previous step's
+    gradient + 1e-6)) (none at the first step), bit for bit in fp32 given the same norm; the norm end() returns is
+    this step's, before clipping, and the optimizer's state carries it on."""
+    net_a, net_b = _model(torch.float32), _model(torch.float32)
+    a = optim.AdamW(list(net_a.parameters()), lr=1e-2, weight_decay=0.0)
+    b = optim.AdamW(list(net_b.parameters()), lr=1e-2, weight_decay=0.0, fused=True, clip=0.05)
+    g, last, scaled = torch.Generator().manual_seed(5), None, 0
+    for _ in range(4):
+        x = torch.randn(6, 3, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+        net_a(x).square().mean().backward()
+        norm = a.grad_norm()
+        if last is not None:
+            factor = torch.clamp(0.05 / (last + 1e-6), max=1.0)
+            scaled += bool(factor < 1)
+            a.grad.mul_(factor)
+        a.step(), a.zero_grad()
+        b.begin()
+        net_b(x).square().mean().backward()
+        last = b.end()  # the same norm, summed per parameter instead of per chunk: equal to fp32 rounding
+        torch.testing.assert_close(last, norm, rtol=1e-6, atol=0)
+    assert torch.equal(a.flat, b.flat) and scaled == 3  # every step after the first was clipped
+    assert torch.equal(b.state_dict()["last_norm"], last)
