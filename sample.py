@@ -1,10 +1,17 @@
-"""The IF cascade sampler: prompts -> T5 -> stage I (64 px) -> stage II (256 px) -> PNGs.
+"""The IF cascade sampler: prompts -> T5 -> stage I (64 px) -> stage II (256 px) [-> stage III (1024 px)] -> PNGs.
 
     python sample.py CONFIG --prompt="a red circle on a blue background" [--lora=PATH] [--stage2=ID_OR_PATH]
+    python sample.py CONFIG --prompt="..." --stage2=ID_OR_PATH --stage3=stabilityai/stable-diffusion-x4-upscaler
 
-writes {output_dir}/samples/<index>_<slug>.png (stage II's image when the cascade runs, stage I's also as
-..._64.png) and a labelled grid.png, and prints their paths. One generator, seeded once, serves the prompts in
-order, so image i of a run comes out the same for the same prompts, settings, seed and device.
+writes {output_dir}/samples/<index>_<slug>.png (the last stage's image) and a labelled grid.png, and prints their
+paths. The earlier stages' images are kept beside it, named by their size: ..._64.png (stage I), ..._256.png
+(stage II, when stage III follows), ..._WxH.png when not square. One generator, seeded once, serves the prompts in
+order, so image i of a run comes out the same for the same prompts, settings, seed and device. Stage III
+(upscaler.py, Stability's x4 latent upscaler, --stage3_lora for its U-Net) runs after stage I and II have made every
+prompt's images and have been freed, one stage resident at a time: it reads the raw prompts with its own CLIP (freed
+once they are encoded) and the negative prompt, takes stage II's images as saved (8-bit: the ..._256.png files are
+exactly its input) and continues the same generator after them, so the 64 and 256 px images are those of the same
+run without --stage3. The grid then shows each sample at every stage, enlarged (nearest) to the final size.
 
 From a picture (the grid then shows the picture and the mask before the samples):
 
@@ -12,16 +19,22 @@ From a picture (the grid then shows the picture and the mask before the samples)
     python sample.py CONFIG --prompt="..." --image=photo.png --mask=mask.png      # stage I inpainting (white: repaint)
     ... either with --stage2=ID_OR_PATH [--stage2_strength=0.8]: stage II continues from the same picture at 4x
     python sample.py CONFIG --prompt="..." --stage2=ID_OR_PATH --upscale_only --image=small.png [--mask=...]
+    ... any of these with --stage3=ID_OR_PATH: stage III then upscales stage II's output 4x again
+    python sample.py CONFIG --prompt="..." --stage3=ID_OR_PATH --upscale_only --image=256px.png   # stage III alone
 
 Stage I takes the picture resized (bicubic) so its short side is `resolution` (64, as the pipelines), or to exactly
 `resolution='WxH'`. `--upscale_only` skips stage I: the picture as it is becomes stage II's low-res input, the
 output is 4x its size; stage II starts from noise, or from the picture upscaled given --mask or --stage2_strength.
+Without --stage2 stage III alone upscales it (each side first resized to the nearest multiple of its U-Net's, 8).
 As a library:
 
     unet1, kw1 = load_unet("DeepFloyd/IF-I-XL-v1.0", lora="out/pytorch_lora_weights.safetensors")
     unet2, kw2 = load_unet("DeepFloyd/IF-II-L-v1.0")
     images64, images256 = cascade(unet1, unet2, text_emb, neg_emb, stage1_kw=kw1, stage2_kw=kw2, generator=g)
     edited = stage1(unet1, text_emb, neg_emb, image=Image.open("photo.png"), strength=0.7, generator=g, **kw1)
+    del unet1, unet2; free_memory()                                  # then stage III, alone on the device
+    up = load_upscaler("stabilityai/stable-diffusion-x4-upscaler", lora=None)
+    images1024 = upscaler.stage3(up, images256, prompts, generator=g, free_text_encoder=True)  # in [0, 1]
 
 Same weights, embeddings and generator give the images diffusers' IFPipeline and IFSuperResolutionPipeline
 give (output_type="pt"): the same random draws in the same order (stage I: the initial noise, then one draw
@@ -34,6 +47,7 @@ the noise that starts the process noises the picture instead (prepare_image prep
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from pathlib import Path
@@ -43,6 +57,7 @@ import torch
 from PIL import Image
 
 import quant
+import upscaler
 from config import stage_of, torch_dtype
 from data import image_grid, parse_resolutions, to_pil
 from diffusion import Schedule, low_res_condition, p_sample_step, q_sample, randn, scheduler_config, timesteps_for
@@ -54,7 +69,7 @@ from model import UNet
 DDPM_DEFAULTS = dict(variance_type="fixed_small", thresholding=False, dynamic_thresholding_ratio=0.995,
                      sample_max_value=1.0, clip_sample=True, prediction_type="epsilon", beta_schedule="linear",
                      timestep_spacing="leading", steps_offset=0)
-ROMAN = {1: "I", 2: "II"}
+ROMAN = {1: "I", 2: "II", 3: "III"}
 NOISE_LEVEL = 250  # stage II's default augmentation of its low-res input, as IF's super-resolution pipeline
 
 
@@ -337,6 +352,37 @@ def read_scheduler_config(path_or_id) -> dict | None:
         return None
 
 
+def read_unet_config(path_or_id) -> dict | None:
+    """unet/config.json of a local folder (or of a bare unet folder) or of a Hub repo, read without any weights, to
+    tell which stage the weights are for before loading them; None where there is none to read."""
+    p = Path(path_or_id)
+    if p.exists():
+        f = next((f for f in (p / "unet" / "config.json", p / "config.json") if f.is_file()), None)
+        return json.loads(f.read_text()) if f is not None else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(str(path_or_id), "config.json", subfolder="unet")).read_text())
+    except Exception:  # not a repo, gated, or offline and not cached: the loader then says what is wrong
+        return None
+
+
+def is_x4_config(unet_config: dict) -> bool:
+    """The x4 upscaler's U-Net (4 latent + 3 image channels, Stable Diffusion's block types), not an IF one."""
+    return unet_config.get("in_channels") == 7 or any(b in upscaler.SD_DOWN_BLOCKS
+                                                      for b in unet_config.get("down_block_types") or [])
+
+
+def _refuse_x4(path_or_id, stage: int | None) -> None:
+    """x4 upscaler weights given where an IF U-Net belongs are refused, naming the option they belong to."""
+    c = read_unet_config(path_or_id)
+    if c is not None and is_x4_config(c):
+        given = f"given as stage {ROMAN[stage]}" if stage else "given as an IF U-Net"
+        raise ValueError(f"{path_or_id} is the x4 latent upscaler, stage III (a U-Net of {c.get('in_channels')} input "
+                         f"channels, {c.get('down_block_types')}), but was {given}: in sample.py pass it as --stage3 "
+                         f"(stage I weights, IF-I-*, go in `pretrained`, stage II weights, IF-II-*, in `stage2`)")
+
+
 def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa", stage=None,
               quantise=None):
     """A U-Net for sampling, and its sampler settings {variance, thresholding, clip_sample, timesteps} (from the
@@ -354,6 +400,7 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
     if quantise is None:
         quantise = (meta or {}).get("base_quantised") == "int8"
     load_on = torch.device("cpu") if quantise else device  # quantised on the CPU: only int8 reaches the device
+    _refuse_x4(path_or_id, stage)
     unet = UNet.from_pretrained(path_or_id, subfolder="unet", dtype=dtype, variant=variant, device=load_on)
     unet_stage = stage_of(unet.config)
     if stage is not None:
@@ -380,6 +427,44 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
     thresholding = (s["dynamic_thresholding_ratio"], s["sample_max_value"]) if s["thresholding"] else None
     return unet, dict(variance=auto_variance(meta, found), thresholding=thresholding, clip_sample=s["clip_sample"],
                       timesteps=s["timestep_spacing"])
+
+
+def _refuse_if(path_or_id) -> dict | None:
+    """IF weights given as stage III are refused, naming the option they belong to. -> the unet/config.json read."""
+    c = read_unet_config(path_or_id)
+    if c is not None and upscaler.is_if_config(c):
+        raise ValueError(f"{path_or_id} is a DeepFloyd IF stage {ROMAN[stage_of(c)]} folder (a U-Net of "
+                         f"{c.get('in_channels')} input channels), not the x4 upscaler: in sample.py pass it as "
+                         f"{'--stage2' if stage_of(c) == 2 else '--pretrained'}; --stage3 takes stabilityai/"
+                         "stable-diffusion-x4-upscaler (or a folder of that layout)")
+    return c
+
+
+def load_upscaler(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa"):
+    """Stage III, the x4 upscaler (upscaler.load: U-Net and CLIP in `dtype`, config.torch_dtype's "auto", the VAE
+    decoder in float32), with a LoRA for its U-Net loaded and merged; an IF folder is refused, naming its option."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if lora is not None and not Path(lora).is_file():
+        raise FileNotFoundError(f"LoRA file {lora} does not exist; give the .safetensors of the x4 U-Net's LoRA")
+    _refuse_if(path_or_id)
+    up = upscaler.load(path_or_id, dtype=torch_dtype(dtype, device), device=device, variant=variant,
+                       attention=attention)
+    if lora is not None:
+        try:
+            load_lora(up.unet, lora)
+        except ValueError as e:
+            raise ValueError(f"LoRA {lora} does not fit the x4 upscaler's U-Net of {path_or_id} (a LoRA for an IF "
+                             f"stage?):\n{e}") from None
+        merge_lora(up.unet)
+    return up
+
+
+def free_memory(device=None) -> None:
+    """Give back what deleted models held: Python's reference cycles collected, then (on CUDA) the allocator's cache
+    emptied, so the next stage (or another process) finds the memory free."""
+    gc.collect()
+    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,9 +563,12 @@ def check_picture_options(cfg) -> None:
             raise ValueError(f"{', '.join(given + ['upscale_only'] * cfg.upscale_only)}: needs a picture, pass "
                              f"--image=PATH too")
         return
-    if cfg.stage2 is None and (cfg.upscale_only or cfg.stage2_strength is not None):
-        raise ValueError(f"{'upscale_only' if cfg.upscale_only else 'stage2_strength'} is for stage II: pass "
-                         f"--stage2=ID_OR_PATH (e.g. DeepFloyd/IF-II-L-v1.0)")
+    if cfg.stage2 is None and (cfg.stage2_strength is not None or (cfg.upscale_only and cfg.stage3 is None)):
+        what = "stage2_strength" if cfg.stage2_strength is not None else "upscale_only"
+        raise ValueError(f"{what} is for stage II: pass --stage2=ID_OR_PATH (e.g. DeepFloyd/IF-II-L-v1.0)")
+    if cfg.upscale_only and cfg.stage2 is None and cfg.mask is not None:
+        raise ValueError("mask: upscale_only without stage2 runs stage III alone, which upscales but does not "
+                         "inpaint: pass --stage2=ID_OR_PATH to inpaint at stage II (then stage III), or drop --mask")
     for key, instead in (("strength", "stage2_strength"), ("lora", "stage2_lora")):
         if cfg.upscale_only and getattr(cfg, key) is not None:
             raise ValueError(f"{key} is stage I's, but upscale_only skips stage I: use {instead}")
@@ -490,23 +578,62 @@ def check_picture_options(cfg) -> None:
                              f"picture (small: close to it; 1: from almost pure noise)")
     h, w = prepare_image(cfg.image).shape[-2:]  # it exists, is not too big, is not transparent
     _check_same_size(cfg.image, cfg.mask)
-    if cfg.upscale_only and w * h > MAX_UPSCALE_PIXELS:
-        raise ValueError(f"upscale_only: the image is {w}x{h} and stage II makes 4x each "
-                         f"side; pictures above {MAX_UPSCALE_PIXELS} pixels (256x256, sample.MAX_UPSCALE_PIXELS) "
-                         f"are refused: downscale it first, or drop --upscale_only to start at stage I's size")
+    if cfg.upscale_only:
+        ups = [name for name, given in (("stage II", cfg.stage2), ("stage III", cfg.stage3)) if given is not None]
+        factor = 4 ** len(ups)  # per side
+        limit = MAX_UPSCALE_PIXELS * 16 // factor**2  # the output at most ~1024x1024
+        if w * h > limit:
+            side = round(limit**0.5)
+            raise ValueError(f"upscale_only: the image is {w}x{h} and {' then '.join(ups)} make{'s' * (factor == 4)} "
+                             f"{factor}x each side; pictures above {limit} pixels ({side}x{side}, from "
+                             f"sample.MAX_UPSCALE_PIXELS) are refused: downscale it first, or drop --upscale_only to "
+                             f"start at stage I's size")
 
 
-def add_picture(cfg, kw1: dict, kw2: dict, unet2):
+def check_stage_options(cfg) -> dict | None:
+    """Refuse stage III options that cannot work, and weights given as the wrong stage (read from their
+    unet/config.json alone), before anything loads. -> the stage III U-Net's config, or None without stage III."""
+    if cfg.stage3 is None:
+        if cfg.stage3_lora is not None:
+            raise ValueError("stage3_lora is for stage III: pass --stage3=ID_OR_PATH (e.g. "
+                             "stabilityai/stable-diffusion-x4-upscaler)")
+    else:
+        if cfg.stage2 is None and not cfg.upscale_only:
+            raise ValueError("stage3 upscales stage II's images: pass --stage2=ID_OR_PATH too (e.g. "
+                             "DeepFloyd/IF-II-L-v1.0), or --upscale_only --image=PATH for stage III alone on a picture")
+        if not 0 <= cfg.stage3_noise_level <= upscaler.MAX_NOISE_LEVEL:
+            raise ValueError(f"stage3_noise_level={cfg.stage3_noise_level} must be in [0, {upscaler.MAX_NOISE_LEVEL}]: "
+                             f"the x4 upscaler was trained on those levels (IF's documentation uses "
+                             f"{upscaler.NOISE_LEVEL})")
+        if cfg.stage3_steps < 1:
+            raise ValueError(f"stage3_steps={cfg.stage3_steps} must be at least 1")
+    for path, stage in ((None if cfg.upscale_only else cfg.weights, 1), (cfg.stage2, 2)):
+        if path is not None:
+            _refuse_x4(path, stage)
+    if cfg.stage3 is None:
+        return None
+    c = _refuse_if(cfg.stage3)
+    if c is None:
+        raise FileNotFoundError(f"stage3={cfg.stage3}: no unet/config.json there; give the x4 upscaler's diffusers "
+                                "folder or Hub id (stabilityai/stable-diffusion-x4-upscaler)")
+    return c
+
+
+def add_picture(cfg, kw1: dict, kw2: dict, unet2, multiple: int = 1):
     """The picture (and mask), prepared for each stage that runs, added to its keyword arguments. Stage I: resized
     so its short side is `resolution` ('S', as the pipelines resize to 64) or to exactly 'WxH'; stage II (the
     cascade): to 4x stage I's size. upscale_only: the picture, as it is, is stage II's low-res input and the output
-    is 4x its size (each side to the nearest multiple of the U-Net's); it also starts from it, upscaled (bicubic),
-    given a mask or stage2_strength, else stage II samples from noise. -> upscale_only's low-res input, or None."""
+    is 4x its size (each side to the nearest multiple of the U-Net's, and of `multiple`: stage III's when it
+    follows); it also starts from it, upscaled (bicubic), given a mask or stage2_strength, else stage II samples from
+    noise. Without stage II (unet2 None) stage III alone takes the picture, each side resized to the nearest
+    multiple of `multiple`. -> upscale_only's low-res input, or None."""
     mask = cfg.mask
     s2 = STRENGTH["stage2"] if cfg.stage2_strength is None else cfg.stage2_strength
     if cfg.upscale_only:
         low = prepare_image(cfg.image)  # [1, 3, h, w]
-        f, (h, w) = unet2.downsample_factor, low.shape[-2:]
+        f, (h, w) = max(multiple, 1 if unet2 is None else unet2.downsample_factor), low.shape[-2:]
+        if unet2 is None:  # stage III alone (a picture already of that size is taken exactly as it is)
+            return prepare_image(cfg.image, tuple(max(f, (s + f // 2) // f * f) for s in (w, h)))
         H, W = (max(f, (4 * s + f // 2) // f * f) for s in (h, w))
         kw2.update(height=H, width=W)
         if mask is not None or cfg.stage2_strength is not None:
@@ -533,11 +660,29 @@ def _says(stage: int, weights, kw: dict) -> str:
     return f"stage {ROMAN[stage]} {weights} {kw['width']}x{kw['height']}{what} variance={kw['variance']}"
 
 
+def run_stage3(cfg, lows: list[torch.Tensor], prompts: list[str], generator, device, dtype) -> list[torch.Tensor]:
+    """Stage III on each prompt's images, lows[p] [n, 3, h, w] in [-1, 1] -> [n, 3, 4h, 4w] in [-1, 1], prompt after
+    prompt with one generator. CLIP encodes the prompts and the negative prompt once and is freed before the
+    first step; the upscaler is freed at the end."""
+    up = load_upscaler(cfg.stage3, dtype=dtype, device=device, variant=cfg.variant, lora=cfg.stage3_lora,
+                       attention=cfg.attention_mechanism)
+    text, neg = up.encode(prompts), up.encode([cfg.negative_prompt])  # [P, 77, D], [1, 77, D]
+    up.free_text_encoder()
+    kw = dict(steps=cfg.stage3_steps, guidance=cfg.stage3_guidance, noise_level=cfg.stage3_noise_level)
+    out = [upscaler.stage3(up, low, text[p:p + 1], negative_prompt=neg, generator=generator, progress=True, **kw)
+           for p, low in enumerate(lows)]  # [n, 3, 4h, 4w] in [0, 1]
+    out = [x * 2 - 1 for x in out]  # in [-1, 1], as the other stages give
+    del up
+    free_memory(device)
+    return out
+
+
 def main(cfg) -> dict:
-    """Prompts -> T5 embeddings (through the text cache training uses) -> stage I (-> stage II) -> PNGs. One
-    generator on the sampling device, seeded once with cfg.seed, draws for prompt after prompt (cfg.num_images
-    each), so image i of a run is reproduced by the same prompts (in the same order), settings, seed and device.
-    With an `image` stage I (and stage II) start from it (add_picture), or stage II alone upscales it."""
+    """Prompts -> T5 embeddings (through the text cache training uses) -> stage I (-> stage II (-> stage III)) ->
+    PNGs. One generator on the sampling device, seeded once with cfg.seed, draws for prompt after prompt
+    (cfg.num_images each), so image i of a run is reproduced by the same prompts (in the same order), settings, seed
+    and device; stage III draws after stage I and II have made every prompt's images. With an `image` stage I (and
+    stage II) start from it (add_picture), or stage II (or stage III alone) upscales it."""
     import t5cache
 
     prompts = read_prompts(cfg)
@@ -548,73 +693,108 @@ def main(cfg) -> dict:
         raise ValueError(f"resolution={cfg.resolution!r} names {len(sizes)} sizes; sample.py makes one size per run: "
                          "use e.g. '64' or '96x64'")
     ((width, height),) = sizes
-    for path in (cfg.lora, cfg.stage2_lora):  # fail before minutes of loading T5
+    for path in (cfg.lora, cfg.stage2_lora, cfg.stage3_lora):  # fail before minutes of loading T5
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist; give the .safetensors a training run wrote")
     check_picture_options(cfg)
+    x4 = check_stage_options(cfg)  # the stage III U-Net's config, or None
+    x4_multiple = 2 ** (len((x4 or upscaler.X4_UNET)["block_out_channels"]) - 1)  # its input's sides: multiples
+    if_stages = not (cfg.upscale_only and cfg.stage2 is None)  # False: stage III alone upscales the picture
 
-    # the text exactly as training embeds it (same T5, settings and cache); T5-XXL (~9.5 GB in bf16) is loaded only
-    # for prompts not cached yet, and freed before the U-Nets come in
-    cache = t5cache.prepare(cfg, [*prompts, cfg.negative_prompt])
-    text_emb, neg_emb = cache.get(prompts), cache.get([cfg.negative_prompt])  # [P, L, D], [1, L, D]
-
-    common = dict(dtype=dtype, device=device, variant=cfg.variant, attention=cfg.attention_mechanism)
-    unet1, kw1 = (None, {}) if cfg.upscale_only else load_unet(cfg.weights, lora=cfg.lora, stage=1, **common,
-                                                                quantise=cfg.quantise_base or None)  # None: the LoRA's
-    kw1.update(height=height, width=width, steps=cfg.steps or 100, guidance=cfg.guidance)
-    kw1["timesteps"] = cfg.timesteps or kw1.get("timesteps")  # stage I only; stage II samples stage2_steps
-    unet2, kw2 = load_unet(cfg.stage2, lora=cfg.stage2_lora, stage=2, **common) if cfg.stage2 else (None, {})
-    kw2.update(height=4 * height, width=4 * width, steps=cfg.stage2_steps, guidance=cfg.stage2_guidance,
-               noise_level=cfg.noise_level)
-    if cfg.variance != "auto":
-        kw1["variance"] = kw2["variance"] = cfg.variance
-    low_in = add_picture(cfg, kw1, kw2, unet2) if cfg.image is not None else None
-    says = [_says(i + 1, w, kw) for i, (u, w, kw) in enumerate(((unet1, cfg.weights, kw1), (unet2, cfg.stage2, kw2)))
+    unet1 = unet2 = None
+    kw1, kw2 = {}, {}
+    if if_stages:
+        # the text exactly as training embeds it (same T5, settings and cache); T5-XXL (~9.5 GB in bf16) is loaded
+        # only for prompts not cached yet, and freed before the U-Nets come in
+        cache = t5cache.prepare(cfg, [*prompts, cfg.negative_prompt])
+        text_emb, neg_emb = cache.get(prompts), cache.get([cfg.negative_prompt])  # [P, L, D], [1, L, D]
+        common = dict(dtype=dtype, device=device, variant=cfg.variant, attention=cfg.attention_mechanism)
+        if not cfg.upscale_only:
+            unet1, kw1 = load_unet(cfg.weights, lora=cfg.lora, stage=1, **common,
+                                   quantise=cfg.quantise_base or None)  # None: as the LoRA says
+        kw1.update(height=height, width=width, steps=cfg.steps or 100, guidance=cfg.guidance)
+        kw1["timesteps"] = cfg.timesteps or kw1.get("timesteps")  # stage I only; stage II samples stage2_steps
+        if cfg.stage2:
+            unet2, kw2 = load_unet(cfg.stage2, lora=cfg.stage2_lora, stage=2, **common)
+        kw2.update(height=4 * height, width=4 * width, steps=cfg.stage2_steps, guidance=cfg.stage2_guidance,
+                   noise_level=cfg.noise_level)
+        if cfg.variance != "auto":
+            kw1["variance"] = kw2["variance"] = cfg.variance
+    low_in = add_picture(cfg, kw1, kw2, unet2, x4_multiple if cfg.stage3 else 1) if cfg.image is not None else None
+    runs = [(i + 1, w, kw) for i, (u, w, kw) in enumerate(((unet1, cfg.weights, kw1), (unet2, cfg.stage2, kw2)))
             if u is not None]
+    says = [_says(*r) for r in runs]
+    if cfg.stage3:
+        says.append(f"stage III {cfg.stage3} 4x steps={cfg.stage3_steps} guidance={cfg.stage3_guidance} "
+                    f"noise_level={cfg.stage3_noise_level}")
     print("sample: " + "; ".join(says) + (f"; upscaling {cfg.image}" if cfg.upscale_only else ""))
 
     out_dir = Path(cfg.output_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    n, paths, paths_low, finals = cfg.num_images, [], [], []
-    for p, prompt in enumerate(prompts):
+    n = cfg.num_images
+    stems = [[out_dir / f"{p * n + k:03d}_{_slug(prompt)}" for k in range(n)] for p, prompt in enumerate(prompts)]
+    paths, paths_low = [], []
+
+    def save(p: int, images: torch.Tensor, final: bool) -> None:  # the last stage's image, the others by their size
+        h, w = images.shape[-2:]
+        for stem, image in zip(stems[p], to_pil(images)):
+            (paths if final else paths_low).append(stem.with_name(
+                f"{stem.name}.png" if final else f"{stem.name}_{w if w == h else f'{w}x{h}'}.png"))
+            image.save((paths if final else paths_low)[-1])
+
+    results = []  # per prompt: one [n, 3, H, W] tensor in [-1, 1] per stage that ran, in stage order
+    for p in range(len(prompts)):
+        if not if_stages:
+            results.append([])
+            continue
         emb = text_emb[p:p + 1].expand(n, -1, -1)  # num_images_per_prompt, as the pipelines repeat
         if cfg.upscale_only:
-            low, final = None, stage2(unet2, low_in.expand(n, -1, -1, -1), emb, neg_emb, generator=generator,
-                                      progress=True, **kw2)
+            results.append([stage2(unet2, low_in.expand(n, -1, -1, -1), emb, neg_emb, generator=generator,
+                                   progress=True, **kw2)])
         elif unet2 is None:
-            low, final = None, stage1(unet1, emb, neg_emb, generator=generator, progress=True, **kw1)
+            results.append([stage1(unet1, emb, neg_emb, generator=generator, progress=True, **kw1)])
         else:
-            low, final = cascade(unet1, unet2, emb, neg_emb, stage1_kw=kw1, stage2_kw=kw2, generator=generator,
-                                 progress=True)
-        for k, image in enumerate(to_pil(final)):
-            stem = out_dir / f"{p * n + k:03d}_{_slug(prompt)}"
-            paths.append(stem.with_name(stem.name + ".png"))
-            image.save(paths[-1])
-            if low is not None:
-                h1, w1 = low.shape[-2:]
-                paths_low.append(stem.with_name(f"{stem.name}_{w1 if w1 == h1 else f'{w1}x{h1}'}.png"))
-                to_pil(low[k:k + 1])[0].save(paths_low[-1])
-        finals += to_pil(final)
+            results.append(list(cascade(unet1, unet2, emb, neg_emb, stage1_kw=kw1, stage2_kw=kw2,
+                                        generator=generator, progress=True)))
+        results[-1] = [x.cpu() for x in results[-1]]  # off the device, which the next stage may need
+        for i, images in enumerate(results[-1]):  # written now: stage III may run for minutes
+            save(p, images, final=i == len(results[-1]) - 1 and not cfg.stage3)
+    variance = [kw["variance"] for _, _, kw in runs]
+    if cfg.stage3:  # one stage resident at a time: the IF U-Nets go before the upscaler comes
+        del unet1, unet2
+        free_memory(device)
+        # stage III reads stage II's images as saved (8-bit), so the ..._256.png files reproduce its output
+        lows = [prepare_image(to_pil(r[-1])) if r else low_in.expand(n, -1, -1, -1) for r in results]
+        for p, (r, high) in enumerate(zip(results, run_stage3(cfg, lows, prompts, generator, device, dtype))):
+            r.append(high.cpu())
+            save(p, high, final=True)
 
     # the grid: a row per prompt, the picture (and the mask: the picture, grey where repainted) at the samples'
-    # size first, then the samples
+    # size first, then the samples; with stage III each sample at every stage, enlarged (nearest) to the final size
+    H, W = results[0][-1].shape[-2:]
+    size = (W, H)  # the samples'
     extras = []
     if cfg.image is not None:
-        picture = prepare_image(cfg.image, finals[0].size)
+        picture = prepare_image(cfg.image, size)
         extras.append(to_pil(picture)[0])
         if cfg.mask is not None:
-            extras += to_pil(picture.masked_fill(prepare_image(cfg.mask, finals[0].size, mask=True), 0))
+            extras += to_pil(picture.masked_fill(prepare_image(cfg.mask, size, mask=True), 0))
+    every_stage = cfg.stage3 is not None
     cells, labels = [], []
-    for p, prompt in enumerate(prompts):
-        cells += extras + finals[p * n:(p + 1) * n]
-        labels += ["input", "mask (grey: repainted)"][:len(extras)] + [prompt] * n
+    for prompt, r in zip(prompts, results):
+        cells += extras
+        labels += ["input", "mask (grey: repainted)"][:len(extras)]
+        for k in range(n):
+            for x in r if every_stage else r[-1:]:
+                cells.append(to_pil(x[k:k + 1])[0].resize(size, Image.NEAREST))
+                labels.append(f"{prompt} ({x.shape[-1]}x{x.shape[-2]})" if every_stage else prompt)
+    cols = len(cells) // len(prompts)
     grid = out_dir / "grid.png"
-    image_grid(cells, labels, cols=n + len(extras) if n + len(extras) > 1 else None).save(grid)
+    image_grid(cells, labels, cols=cols if cols > 1 else None).save(grid)
     for path in [*paths, *paths_low, grid]:
         print(path)
-    return dict(images=paths, images_low=paths_low, grid=grid,
-                variance=[kw["variance"] for kw, u in ((kw1, unet1), (kw2, unet2)) if u is not None])
+    return dict(images=paths, images_low=paths_low, grid=grid, variance=variance)
 
 
 if __name__ == "__main__":

@@ -536,6 +536,12 @@ def _build(cls, folder: Path, variant, dtype, device, keep=None, what="U-Net"):
     return net.eval()
 
 
+def is_if_config(unet_config: dict) -> bool:
+    """A DeepFloyd IF U-Net's unet/config.json (3 or 6 input channels, IF's block types), not the x4's."""
+    return unet_config.get("in_channels") in (3, 6) or any(b in model.DOWN_BLOCKS
+                                                           for b in unet_config.get("down_block_types") or [])
+
+
 def load(path_or_id, dtype=None, device=None, variant=None, vae_dtype=torch.float32, attention="sdpa") -> Upscaler:
     """The x4 upscaler from a diffusers folder (local, or a Hub id: then only the files used are downloaded). U-Net
     and text encoder in `dtype` (float32 by default), the VAE decoder in `vae_dtype`; `variant` ('fp16') picks the
@@ -552,7 +558,7 @@ def load(path_or_id, dtype=None, device=None, variant=None, vae_dtype=torch.floa
         return json.loads(f.read_text()) if f.is_file() or default is None else default
 
     c = read("unet", "config.json", default={})
-    if c.get("in_channels") in (3, 6) or any(b in model.DOWN_BLOCKS for b in c.get("down_block_types") or []):
+    if is_if_config(c):
         raise ValueError(f"{path_or_id} is a DeepFloyd IF folder (a U-Net of {c.get('in_channels')} input channels, "
                          f"{c.get('down_block_types')}), not the x4 upscaler: stage III takes stabilityai/stable-"
                          "diffusion-x4-upscaler (4 latent + 3 image channels); IF-I-* is stage I, IF-II-* stage II")

@@ -1,4 +1,5 @@
-"""upscaler.py against diffusers: the x4 upscaler's U-Net, VAE decoder and StableDiffusionUpscalePipeline.
+"""upscaler.py against diffusers: the x4 upscaler's U-Net, VAE decoder and StableDiffusionUpscalePipeline; then
+sample.py's stage III (--stage3) on the command line, against upscaler.stage3 called directly.
 
 Everything is tiny, random and built here (no downloads): components with the real block types, a CLIP tokenizer from
 a 56-token vocabulary, saved by the pipeline's save_pretrained in the Hub folder's layout, then read by upscaler.load.
@@ -15,14 +16,23 @@ order or batch order gives (> 1e-2, checked in test_settings_matter).
 
 import json
 import string
+import weakref
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+from PIL import Image
+from test_sample import cli, folders, run  # noqa: F401  (cli and folders are fixtures)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import lora
 import model
+import sample
+import t5cache
 import upscaler
+from config import load_config
+from data import to_pil
 
 # the x4's block types at toy widths: a plain level, an only-cross-attention level, a self-attention level
 UNET = dict(
@@ -232,3 +242,164 @@ def test_variant_files_and_dtypes(pair, tmp_path):
     # bf16 keeps 3 significant digits and the steps amplify its rounding (see the tolerances above): measured 6e-3 on
     # average, 6e-2 at worst
     assert got.dtype == torch.float32 and (got - expected).abs().mean().item() < 2e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py's stage III: the command line on tiny local weights (IF stage I and II as tests/test_sample.py builds
+# them, the x4 parts above), 16 -> 64 -> 256 px standing in for 64 -> 256 -> 1024
+
+
+@pytest.fixture(scope="module")
+def x4_lora(pair, tmp_path_factory):
+    """A LoRA on the x4 U-Net (its attention projections: it has no IF-style add_k_proj), B random so it acts."""
+    unet = upscaler.load(pair[2]).unet  # a fresh copy: the pair's stays as it is
+    lora.add_lora(unet, rank=2, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    torch.manual_seed(5)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)
+    path = tmp_path_factory.mktemp("x4lora") / "x4_lora.safetensors"
+    lora.save_lora(unet, path)
+    return path
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_cli_cascade_with_stage3(folders, cli, pair, x4_lora, tmp_path, monkeypatch):  # noqa: F811
+    """Stage I -> II -> III: the last stage's images 4x stage II's, the 16 and 64 px ones kept, every stage in the
+    grid; the IF U-Nets freed before the upscaler loads and CLIP after encoding; stage III equal to upscaler.stage3 on
+    the saved stage II files with the generator continued from stage I and II (one generator, seeded once)."""
+    config, _ = cli
+    x4 = pair[2]
+    resident, ups = [], []
+    load_unet, load_upscaler = sample.load_unet, sample.load_upscaler
+
+    def tracked_unet(*args, **kw):
+        unet, defaults = load_unet(*args, **kw)
+        resident.append(weakref.ref(unet))
+        return unet, defaults
+
+    def tracked_upscaler(*args, **kw):
+        assert resident and all(r() is None for r in resident), "an IF U-Net is still alive as stage III loads"
+        ups.append(load_upscaler(*args, **kw))
+        return ups[-1]
+
+    monkeypatch.setattr(sample, "load_unet", tracked_unet)
+    monkeypatch.setattr(sample, "load_upscaler", tracked_upscaler)
+    args = [str(config), f"--output_dir={tmp_path / 'out'}", "--prompt=a red circle", "--negative_prompt=blue",
+            f"--stage2={folders[1]}", "--num_images=2"]
+    stage3 = [f"--stage3={x4}", "--stage3_steps=2", f"--stage3_lora={x4_lora}"]
+    out = sample.main(load_config(args + stage3))
+    assert ups[0].text_encoder is None  # CLIP freed once the prompts were encoded
+    assert [p.name for p in out["images"]] == ["000_a-red-circle.png", "001_a-red-circle.png"]
+    assert [p.name for p in out["images_low"]] == ["000_a-red-circle_16.png", "001_a-red-circle_16.png",
+                                                   "000_a-red-circle_64.png", "001_a-red-circle_64.png"]
+    assert [pixels(p).shape[:2] for p in out["images"] + out["images_low"]] == [(256, 256)] * 2 + [(16, 16)] * 2 + [
+        (64, 64)] * 2
+    grid = pixels(out["grid"])
+    assert grid.shape[1] == 4 + 2 * 3 * (256 + 4) and grid.shape[0] > 256 + 8  # 2 samples x 3 stages, 256 px cells
+
+    # the same run, step by step: stage I and II for the prompt, then stage III on stage II's files, one generator
+    cfg = load_config(args)
+    cache = t5cache.prepare(cfg, ["a red circle", "blue"])
+    text, neg = cache.get(["a red circle"]).expand(2, -1, -1), cache.get(["blue"])
+    (unet1, kw1), (unet2, kw2) = load_unet(folders[0], stage=1), load_unet(folders[1], stage=2)
+    g = torch.Generator().manual_seed(cfg.seed)
+    low, mid = sample.cascade(unet1, unet2, text, neg, generator=g,
+                              stage1_kw=dict(kw1, height=16, width=16, steps=cfg.steps, guidance=cfg.guidance),
+                              stage2_kw=dict(kw2, steps=cfg.stage2_steps, guidance=cfg.stage2_guidance,
+                                             noise_level=cfg.noise_level))
+    saved = out["images_low"][2:]
+    for x, paths in ((low, out["images_low"][:2]), (mid, saved)):  # as a run without stage III makes them
+        assert all(np.array_equal(np.asarray(im), pixels(p)) for im, p in zip(to_pil(x), paths))
+    up, state = load_upscaler(x4, lora=x4_lora), g.get_state()
+    expected = upscaler.stage3(up, sample.prepare_image(saved), "a red circle", negative_prompt="blue", steps=2,
+                               generator=g)  # guidance 9.0 and noise level 100: stage III's defaults, the config's
+    assert all(np.array_equal(np.asarray(im), pixels(p)) for im, p in zip(to_pil(expected * 2 - 1), out["images"]))
+    g.set_state(state)
+    plain = upscaler.stage3(upscaler.load(x4), sample.prepare_image(saved), "a red circle", negative_prompt="blue",
+                            steps=2, generator=g)
+    assert (plain - expected).abs().max().item() > 1e-2  # the LoRA acts
+
+
+def test_cli_stage3_on_a_picture(folders, cli, pair, photo_dir, tmp_path):  # noqa: F811
+    """--upscale_only with --stage2 and --stage3: stage II then stage III on a picture (16x each side); without
+    --stage2, stage III alone (no T5, no IF U-Net), equal to upscaler.stage3 on the picture, seeded generator."""
+    config, _ = cli
+    x4 = pair[2]
+    out = run(config, f"--output_dir={tmp_path / 'two'}", "--prompt=a red circle", f"--stage2={folders[1]}",
+              f"--stage3={x4}", "--stage3_steps=2", "--upscale_only", f"--image={photo_dir / 'small.png'}")
+    assert [p.name for p in out["images_low"]] == ["000_a-red-circle_36x24.png"]
+    assert pixels(out["images"][0]).shape == (96, 144, 3) and out["variance"] == ["learned_range"]
+    assert pixels(out["grid"]).shape[1] == 4 + 3 * (144 + 4)  # the picture, stage II, stage III
+
+    # inpainting at stage I and II, then stage III: the picture and the mask lead the grid's row
+    out = run(config, f"--output_dir={tmp_path / 'inpaint'}", "--prompt=a red circle", f"--stage2={folders[1]}",
+              f"--stage3={x4}", "--stage3_steps=1", f"--image={photo_dir / 'photo.png'}",
+              f"--mask={photo_dir / 'mask.png'}")
+    assert [p.name for p in out["images_low"]] == ["000_a-red-circle_24x16.png", "000_a-red-circle_96x64.png"]
+    assert pixels(out["images"][0]).shape == (256, 384, 3)
+    assert pixels(out["grid"]).shape[1] == 4 + 5 * (384 + 4)  # picture, mask, stage I, II, III
+
+    alone = tmp_path / "alone"
+    out = run(config, f"--output_dir={alone / 'out'}", "--prompt=a red circle", f"--stage3={x4}", "--stage3_steps=2",
+              "--upscale_only", f"--image={photo_dir / 'photo.png'}", "--seed=3", "--stage3_guidance=5.0",
+              "--stage3_noise_level=20")
+    assert out["images_low"] == [] and out["variance"] == [] and not (alone / "cache").exists()  # T5 never ran
+    expected = upscaler.stage3(upscaler.load(x4), sample.prepare_image(photo_dir / "photo.png"), "a red circle",
+                               steps=2, guidance=5.0, noise_level=20, generator=torch.Generator().manual_seed(3))
+    assert expected.shape == (1, 3, 64, 96)
+    assert np.array_equal(pixels(out["images"][0]), np.asarray(to_pil(expected * 2 - 1)[0]))
+
+
+def test_stage3_refusals(folders, cli, pair, photo_dir, tmp_path):  # noqa: F811
+    config, loras = cli
+    x4 = pair[2]
+    args = (f"--output_dir={tmp_path}", "--prompt=a")
+    small, photo = f"--image={photo_dir / 'small.png'}", f"--image={photo_dir / 'photo.png'}"
+    bad = [
+        ((f"--stage3={x4}",), "stage3 upscales stage II's images: pass --stage2"),
+        ((f"--stage2={x4}",), "is the x4 latent upscaler, stage III .* given as stage II: in sample.py pass it as "
+                              "--stage3"),
+        ((f"--pretrained={x4}",), "x4 latent upscaler, .* given as stage I: in sample.py pass it as --stage3"),
+        ((f"--stage2={folders[1]}", f"--stage3={folders[1]}"), "DeepFloyd IF stage II folder .* not the x4 "
+                                                               "upscaler: in sample.py pass it as --stage2"),
+        ((f"--stage2={folders[1]}", f"--stage3={folders[0]}"), "IF stage I folder .* pass it as --pretrained"),
+        ((f"--stage2={folders[1]}", f"--stage3={tmp_path / 'nope'}"), "no unet/config.json there"),
+        ((f"--stage2={folders[1]}", f"--stage3={x4}", "--stage3_noise_level=351"), r"must be in \[0, 350\]"),
+        ((f"--stage3_lora={loras[2]}",), "stage3_lora is for stage III: pass --stage3"),
+        ((f"--stage2={folders[1]}", f"--stage3={x4}", f"--stage3_lora={tmp_path / 'no.safetensors'}"),
+         "no.safetensors does not exist"),
+        ((f"--stage3={x4}", "--upscale_only", photo, f"--mask={photo_dir / 'mask.png'}"), "stage III alone, which "
+                                                                                          "upscales but does not"),
+        ((f"--stage3={x4}", "--upscale_only", photo, "--stage2_strength=0.5"), "stage2_strength is for stage II"),
+        ((f"--stage2={folders[1]}", f"--stage3={x4}", "--upscale_only", f"--image={photo_dir / 'mid.png'}"),
+         r"the image is 80x60 and stage II then stage III make 16x each side; pictures above 4096 pixels \(64x64"),
+        ((small, "--upscale_only"), "upscale_only is for stage II: pass --stage2"),  # as before stage III
+    ]
+    for extra, message in bad:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            run(config, *args, *extra)
+    assert not (tmp_path / "samples").exists()  # every refusal came before any sampling
+    # the library's loaders say the same
+    with pytest.raises(ValueError, match="x4 latent upscaler, stage III .* given as stage II: in sample.py pass it "
+                                         "as --stage3"):
+        sample.load_unet(x4, stage=2)
+    with pytest.raises(ValueError, match="DeepFloyd IF stage II folder .* pass it as --stage2"):
+        sample.load_upscaler(folders[1])
+    with pytest.raises(ValueError, match="does not fit the x4 upscaler's U-Net"):
+        sample.load_upscaler(x4, lora=loras[2])  # an IF stage II LoRA
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """A 24x16 picture and its mask, a 9x6 one, an 80x60 one (too big to upscale 16x)."""
+    root = tmp_path_factory.mktemp("pictures")
+    g = torch.Generator().manual_seed(6)
+    Image.fromarray((torch.rand(16, 24, 3, generator=g) * 255).byte().numpy()).save(root / "photo.png")
+    Image.fromarray((torch.rand(16, 24, generator=g) * 255).byte().numpy()).save(root / "mask.png")
+    Image.fromarray((torch.rand(6, 9, 3, generator=g) * 255).byte().numpy()).save(root / "small.png")
+    Image.new("RGB", (80, 60)).save(root / "mid.png")
+    return root
