@@ -297,29 +297,25 @@ def memory_option_rows(flavours=("i-medium-400m", "i-xlarge-4.3b", "ii-medium-45
 
 
 def print_memory_options(rows: list[dict]) -> None:
-    import memory
-
-    def smallest(gib):
-        ok = sorted({m for m, _ in memory.GPUS.values() if memory.fits(gib * memory.GiB, m)[0]})
-        return f"{ok[0]} GB" if ok else "none listed"
-
     print("| U-Net | job | training step | T5 cache / sample.py | smallest card (training) |")
     print("|---|---|---|---|---|")
     for r in rows:
         rest = f"{r['t5_gib']:.1f} / {r['sample_gib']:.1f} GiB" if "t5_gib" in r else "-"
         print(f"| {r['flavour']} (b{r['batch']}, {r['size']} px) | {r['option']} | {r['peak_gib']:.1f} GiB | {rest} | "
-              f"{smallest(r['peak_gib'])} |")
+              f"{smallest_card(r['peak_gib'])} |")
+
+
+def smallest_card(gib: float) -> str:
+    """The smallest card of memory.GPUS that holds a peak of `gib` with memory.ALLOWANCE."""
+    import memory
+
+    ok = sorted({m for m, _ in memory.GPUS.values() if memory.fits(gib * memory.GiB, m)[0]})
+    return f"{ok[0]} GB" if ok else "none listed"
 
 
 def print_estimates(rows: list[dict]) -> None:
     """Markdown, one row per job: the predicted peak in each checkpointing mode, ours and the reference's, and the
     smallest card of memory.GPUS that holds the lowest of each (with memory.ALLOWANCE)."""
-    import memory
-
-    def smallest(gib):
-        ok = sorted({m for m, _ in memory.GPUS.values() if memory.fits(gib * memory.GiB, m)[0]})
-        return f"{ok[0]} GB" if ok else "none listed"
-
     jobs: dict[tuple, dict] = {}
     for r in rows:
         jobs.setdefault((r["flavour"], r["mode"], r["batch"], r["size"]), {})[r["ckpt"] or "off"] = r
@@ -331,8 +327,8 @@ def print_estimates(rows: list[dict]) -> None:
         ref = [by[k]["reference"]["peak_gib"] for k in ("off", "attention") if by[k]["reference"]]
         job = f"{'LoRA r32' if mode == 'lora' else 'full fine-tune'}, b{batch}, {size} px"
         print(f"| {flavour} | {job} | {' / '.join(f'{g:.1f}' for g in ours)} GiB | "
-              f"{' / '.join(f'{g:.1f}' for g in ref) + ' GiB' if ref else '-'} | {smallest(min(ours))} | "
-              f"{smallest(min(ref)) if ref else '-'} | {by['off']['ours']['tflop']:.1f} |")
+              f"{' / '.join(f'{g:.1f}' for g in ref) + ' GiB' if ref else '-'} | {smallest_card(min(ours))} | "
+              f"{smallest_card(min(ref)) if ref else '-'} | {by['off']['ours']['tflop']:.1f} |")
 
 
 def case_sample(stack, flavour, batch, height, width, steps, dtype, device, repeat=2):
@@ -982,19 +978,15 @@ def main(argv: list[str]) -> None:
         return quality_main(argv[1:])
     if "--smoke" in argv:  # every training mode and the sampler on tiny U-Nets, then real-size steps on a GPU
         return smoke_main([a for a in argv if a != "--smoke"])
-    if argv and argv[0] == "--memory":  # the memory options' predicted peaks per flavour, on fake tensors
-        out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), "memory.json")
-        rows = memory_option_rows()
+    fake = {"--memory": ("memory", memory_option_rows, print_memory_options),  # each memory option per flavour
+            "--estimate": ("estimates", estimate_rows, print_estimates)}  # every flavour and job, ours and diffusers'
+    if argv and argv[0] in fake:  # predicted memory at real size, on fake tensors (no GPU, no weights)
+        key, make, show = fake[argv[0]]
+        out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), f"{key}.json")
+        rows = make()
         Path(out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                                         "command": "python bench.py " + " ".join(argv), "memory": rows}, indent=2))
-        print_memory_options(rows)
-        return print(f"\nwritten to {out}")
-    if argv and argv[0] == "--estimate":  # predicted memory at real size, on fake tensors (no GPU, no weights)
-        out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")), "estimate.json")
-        rows = estimate_rows()
-        Path(out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                                         "command": "python bench.py " + " ".join(argv), "estimates": rows}, indent=2))
-        print_estimates(rows)
+                                         "command": "python bench.py " + " ".join(argv), key: rows}, indent=2))
+        show(rows)
         return print(f"\nwritten to {out}")
     for a in argv:
         key, _, value = a.lstrip("-").partition("=")
