@@ -378,7 +378,26 @@ class Block(nn.Module):
 # the U-Net
 
 
-class UNet(nn.Module):
+class UNetBase(nn.Module):
+    """What every U-Net here (IF's, and upscaler.py's x4) offers beside its forward: a `config` dict and a conv_in."""
+
+    def set_attention_backend(self, backend: str) -> None:
+        set_attention_backend(self, backend)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+
+class UNet(UNetBase):
     """IF's U-Net from a diffusers `unet/config.json` dict. Switches: `gradient_checkpointing`,
     `set_attention_backend("sdpa" | "xformers" | "math")`."""
 
@@ -455,20 +474,6 @@ class UNet(nn.Module):
             if isinstance(m, ResnetBlock2D):
                 m.recompute = mode != "full"  # "full" recomputes the whole layer anyway
 
-    def set_attention_backend(self, backend: str) -> None:
-        set_attention_backend(self, backend)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["block_out_channels"]) - 1)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
 
     def layer(self, resnet, attn, h, emb, text):
         """One resnet and its attention. Gradient checkpointing recomputes in backward what it does not keep:

@@ -281,7 +281,7 @@ class VAEAttention(Attention):
 # the U-Net and the VAE decoder
 
 
-class X4UNet(nn.Module):
+class X4UNet(model.UNetBase):
     """The x4 upscaler's U-Net (an SD 2 UNet2DConditionModel) from its unet/config.json dict. `attention_head_dim` is
     diffusers' legacy name for the number of heads of each level."""
 
@@ -323,20 +323,6 @@ class X4UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c["norm_num_groups"], ch[0], c["norm_eps"])
         self.conv_act = activation(c["act_fn"])
         self.conv_out = nn.Conv2d(ch[0], c["out_channels"], 3, padding=1)
-
-    set_attention_backend = model.set_attention_backend  # up.unet.set_attention_backend("sdpa" | "xformers" | "math")
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["block_out_channels"]) - 1)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
 
     def forward(self, x, t, text, noise_level):
         """x (B, in_channels, h, w): the latents, then the noised low-res image; t scalar or (B,); text (B, L, X) CLIP

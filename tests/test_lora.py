@@ -36,13 +36,7 @@ N_SHORTCUT = 5  # resnets with a conv_shortcut: the one that widens 16 -> 32 goi
 EXTRA = ("conv1", "encoder_hid_proj")  # resnet convs and the text projection, beyond the default targets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: on a busy 2-core machine, a second intra-op thread costs ~10x in spin-waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

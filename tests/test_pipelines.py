@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_sample import (  # noqa: F401  (folders, cli and one_thread are fixtures)
+from test_sample import (  # noqa: F401  (folders and cli are fixtures)
     DiffusersUNet,
     cli,
     close_to_reference,
     embeddings,
     folders,
     kwargs_for,
-    one_thread,
     run,
 )
 
 import sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

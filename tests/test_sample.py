@@ -18,12 +18,7 @@ IF_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_ra
                     num_train_timesteps=1000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny ops on a busy 2-core machine spend most of their time in thread hand-offs
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_if_folder(path, unet_config, sample_max_value, seed):

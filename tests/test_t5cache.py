@@ -26,13 +26,7 @@ def captions(n: int, seed: int = 0) -> list[str]:
     return list(out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a busy 2-core machine spend most of their time in thread hand-offs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

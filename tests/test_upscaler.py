@@ -50,12 +50,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hid
 PROMPTS = ["the cat", "a dog on grass"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny ops on a busy 2-core machine spend most of their time in thread hand-offs
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(cfg: dict) -> dict:
