@@ -149,6 +149,10 @@ class Config:
     logging_steps: int = _opt(10, "append to metrics.jsonl every this many steps")
     report_to: Literal["none", "tensorboard"] = _opt("none", "also log to TensorBoard (if installed)")
     device: str | None = _opt(None, "torch device (None: cuda if available, else cpu)")
+    # Rank 0 validates and writes checkpoints alone while the other ranks wait; a full IF-I-XL checkpoint (weights,
+    # moments, EMA: ~35 GB) takes ~12 min at 50 MB/s, and its validation a few more. NCCL's own 10 min would fire.
+    distributed_timeout: int = _opt(1800, "several processes: seconds the others wait for rank 0's checkpoint or "
+                                          "validation, and for a stop signal to be agreed, before giving up")
     dry_run: bool = _opt(False, "train.py: estimate memory, FLOPs and time of one real-size step on fake tensors, exit")
 
     # ---- data ------------------------------------------------------------------------------

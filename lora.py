@@ -85,6 +85,8 @@ def matches(name: str, pattern: str) -> bool:
 class _LoRAMixin:
     """Adds named low-rank adapters to the forward of a layer whose base op is `_base(x, bias)`."""
 
+    dropout_shard = (0, 1)  # (rank, world): this process's slice of the global batch (shard_dropout)
+
     def _setup(self) -> None:
         self.lora_A, self.lora_B, self.lora_magnitude = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         self.lora_alpha, self.lora_scale, self.lora_dropout = {}, {}, {}  # per adapter: floats
@@ -111,7 +113,7 @@ class _LoRAMixin:
             if s == 0:  # scale 0 switches the adapter off entirely, a DoRA magnitude included
                 continue
             p = self.lora_dropout[name] if self.training else 0.0
-            xd = F.dropout(x, p) if p > 0 else x
+            xd = self._dropout(x, p) if p > 0 else x
             z = self._lora(xd.to(self.lora_A[name].dtype), name).to(y.dtype) * s  # s B A xd (in the LoRA's dtype)
             if name not in self.lora_magnitude:
                 y = y + z
@@ -123,6 +125,20 @@ class _LoRAMixin:
             wx = (y0 if self.bias is None else y0 - self.bias.view(self._channels)) if xd is x else self._base(xd, None)
             y = y + (g * (wx + z) - wx)  # exactly y when g == 1 and z == 0 (a fresh DoRA)
         return y
+
+
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Dropout whose mask is drawn for the global batch and sliced, as train.py draws the noise: N processes
+        with B samples each drop what one process with N B samples drops (dim 0 is the sample wherever a LoRA sits
+        in the U-Net). The mask is F.dropout of ones shaped like the global batch, from the default generator
+        (every rank seeds it alike; gradient checkpointing replays it). Masks are drawn in memory order, so each
+        sample of the ones is laid out as a sample of x (the attention's inputs are transposed views); then one
+        process draws exactly what F.dropout(x) draws, as peft does. Costs N x-sized transients for N processes."""
+        rank, world, n = *self.dropout_shard, x.shape[0]
+        sample = torch.empty_like(x[0])  # a sample's layout in x (if dense, else contiguous)
+        ones = torch.empty_strided((n * world, *x.shape[1:]), (sample.numel(), *sample.stride()), dtype=x.dtype,
+                                   device=x.device).fill_(1)
+        return x * F.dropout(ones, p)[rank * n : (rank + 1) * n]
 
 
 class LoRALinear(_LoRAMixin, nn.Linear):
@@ -239,6 +255,12 @@ def mark_bitfit(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def shard_dropout(model: nn.Module, rank: int, world: int) -> None:
+    """Tell the LoRA layers of `model` which slice of the global batch this process holds (see _dropout)."""
+    for layer in _lora_layers(model).values():
+        layer.dropout_shard = (rank, world)
+
+
 def set_lora_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
     """Multiply the update of LoRA `name` (None: all of them) by `scale`; 0 switches it off, 1 is as trained."""
     layers = [m for m in _lora_layers(model).values() if name is None or name in m.lora_A]
@@ -271,18 +293,31 @@ def merge_lora(model: nn.Module) -> None:
         _unwrap(layer)
 
 
-def lora_state_dict(model: nn.Module, name: str = "default", prefix: str = "unet") -> dict[str, torch.Tensor]:
-    """LoRA `name` as file tensors: `<prefix>.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`."""
+def _file_parameters(model: nn.Module, name: str, prefix: str = "unet") -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """The layer and parameter behind each file key of LoRA `name`: `<prefix>.<module>.lora_A.weight`,
+    `.lora_B.weight`, `.lora_magnitude_vector`."""
     out = {}
     for module_name, layer in _lora_layers(model).items():
-        if name not in layer.lora_A:
-            continue
-        key = f"{prefix}.{module_name}" if prefix else module_name
-        out[f"{key}.lora_A.weight"] = layer.lora_A[name].detach().contiguous()
-        out[f"{key}.lora_B.weight"] = layer.lora_B[name].detach().contiguous()
-        if name in layer.lora_magnitude:  # peft keeps a conv's magnitude as [1, out, 1, 1]
-            m = layer.lora_magnitude[name].detach()
-            out[f"{key}.lora_magnitude_vector"] = m.view(1, -1, 1, 1) if isinstance(layer, LoRAConv2d) else m
+        if name in layer.lora_A:
+            key = f"{prefix}.{module_name}" if prefix else module_name
+            out[f"{key}.lora_A.weight"] = (layer, layer.lora_A[name])
+            out[f"{key}.lora_B.weight"] = (layer, layer.lora_B[name])
+            if name in layer.lora_magnitude:
+                out[f"{key}.lora_magnitude_vector"] = (layer, layer.lora_magnitude[name])
+    return out
+
+
+def _trained_biases(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The biases that require grad (what mark_bitfit marked), by their file keys `unet.<parameter name>`."""
+    return {f"unet.{n}": p for n, p in model.named_parameters() if _is_bias(n) and p.requires_grad}
+
+
+def lora_state_dict(model: nn.Module, name: str = "default", prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """LoRA `name` as file tensors (keys: _file_parameters)."""
+    out = {}
+    for key, (layer, p) in _file_parameters(model, name, prefix).items():
+        conv_magnitude = key.endswith(".lora_magnitude_vector") and isinstance(layer, LoRAConv2d)
+        out[key] = p.detach().view(1, -1, 1, 1) if conv_magnitude else p.detach().contiguous()  # peft's [1, out, 1, 1]
     return out
 
 
@@ -297,8 +332,7 @@ def save_lora(model: nn.Module, path: str | Path, metadata: dict | None = None, 
 
     path = Path(path)
     layers = {n: m for n, m in _lora_layers(model).items() if name in m.lora_A}
-    trained = {f"unet.{n}": p.detach().contiguous() for n, p in model.named_parameters()
-               if biases and _is_bias(n) and p.requires_grad}
+    trained = {k: p.detach().contiguous() for k, p in _trained_biases(model).items()} if biases else {}
     if biases and not trained:
         raise ValueError("save_lora(biases=True): no bias of the model requires grad; mark_bitfit(model) makes them "
                          "trainable, and save_lora writes those")
@@ -466,3 +500,25 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default", scale: 
         warnings.warn(f"{path}: ignored {len(skipped)} {IGNORED_PREFIX}* keys: this loader applies LoRAs to the "
                       f"U-Net only", stacklevel=2)
     return params
+
+
+def restore_lora(model: nn.Module, path: str | Path, name: str = "default", biases: bool = False) -> None:
+    """Copy a file save_lora wrote back into the adapters `model` already has (and, with biases, into its trained
+    biases), in place: how a resumed run gets its trained weights back, which checkpoints store only in this file.
+    The file must hold exactly those tensors, with their shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors, meta = load_file(str(path)), read_lora_metadata(path)
+    if BIASES_KEY in meta:
+        tensors |= load_file(str(path.parent / meta[BIASES_KEY]))
+    targets = {k: p for k, (_, p) in _file_parameters(model, name).items()} | (_trained_biases(model) if biases else {})
+    wrong = sorted(set(targets) ^ set(tensors)) + [k for k in targets.keys() & tensors.keys()
+                                                  if tensors[k].numel() != targets[k].numel()]
+    if wrong:
+        raise ValueError(f"{path} does not hold this model's trained LoRA weights: {', '.join(wrong[:8])}"
+                         f"{' ...' if len(wrong) > 8 else ''} missing, unexpected or of another size")
+    with torch.no_grad():
+        for k, p in targets.items():
+            p.copy_(tensors[k].view_as(p))
+

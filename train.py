@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ import quant
 import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
-from model import UNet, build
+from model import UNet, build, read_weights
 from optim import AdamW, ema_update
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class Run:
     rngs: dict
     eval_items: list  # the held-out images (rank 0), for eval_loss
     metrics: Metrics | None = None  # rank 0
+    group: object = None  # several processes: a gloo group for the CPU-side agreements (see wait_for_rank0)
     step: int = 0
     nonfinite: int = 0  # steps in a row with a non-finite loss or gradient
     skipped: int = 0  # all such steps
@@ -190,8 +192,10 @@ def setup(cfg: Config) -> Run:
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group, so each rank's NCCL context is on its own GPU
+    group = None
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=cfg.distributed_timeout))
     dtype = torch_dtype(cfg.mixed_precision, device)
     out = Path(cfg.output_dir)
     if rank == 0:
@@ -201,6 +205,7 @@ def setup(cfg: Config) -> Run:
     loader = data.make_loader(cfg, rank, world)
     cache = t5cache.prepare(cfg, t5cache.run_captions(cfg), progress=rank == 0)
     unet, params, source = setup_model(cfg, device, dtype)
+    lora.shard_dropout(unet, rank, world)  # LoRA dropout masks, like the noise, are drawn for the global batch
     check_validation(cfg, unet, loader)
     eval_items = [loader.items[loader.eval_request(i)] for i in loader.held_out] if rank == 0 else []
     rngs = {"train": torch.Generator(device).manual_seed(cfg.seed + 1),  # noise, timesteps, augmentation levels
@@ -210,7 +215,7 @@ def setup(cfg: Config) -> Run:
         rngs["cuda"] = torch.cuda.default_generators[device.index or 0]
     opt = optimizer_for(cfg, params, rngs["rounding"])
     r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
-            opt.flat.clone() if cfg.use_ema else None, rngs, eval_items)
+            opt.flat.clone() if cfg.use_ema else None, rngs, eval_items, group=group)
     resume = find_checkpoint(cfg)
     if resume is not None:
         load_checkpoint(resume, r)
@@ -296,6 +301,21 @@ def save_weights(unet: UNet, cfg: Config, directory: Path, source: str) -> None:
     (directory / "scheduler" / "scheduler_config.json").write_text(config)
 
 
+def load_weights(unet: UNet, cfg: Config, directory: Path) -> None:
+    """The inverse of save_weights for a run being resumed: the trained parameters of `unet` (already built as the
+    run builds it) get their values back, bit for bit, from the files save_weights wrote in `directory`."""
+    if cfg.model_type == "lora":
+        lora.restore_lora(unet, directory / LORA_FILE, biases=cfg.use_bitfit)
+        return
+    trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    state = read_weights(directory / "unet", dtype=next(iter(trained.values())).dtype, keep=trained.__contains__)
+    if state.keys() != trained.keys():
+        raise ValueError(f"{directory / 'unet'} lacks trained weights: {sorted(trained.keys() - state.keys())[:8]}")
+    with torch.no_grad():
+        for n, p in trained.items():
+            p.copy_(state[n])
+
+
 def _checkpoints(out: Path) -> dict[int, Path]:
     """step -> the complete checkpoint of that step in `out`. checkpoint-N, or checkpoint-N.old where a crash came
     between moving the old checkpoint-N aside and renaming its replacement into place (see save_checkpoint);
@@ -327,7 +347,7 @@ def save_checkpoint(r: Run) -> Path | None:
     final, tmp, old = (r.out / f"checkpoint-{r.step}{suffix}" for suffix in ("", ".tmp", ".old"))
     tmp.mkdir(parents=True)
     save_weights(r.unet, r.cfg, tmp, r.source)
-    tensors = {f"opt.{k}": v for k, v in r.opt.state_dict().items()} | {"weights": r.opt.flat}
+    tensors = {f"opt.{k}": v for k, v in r.opt.state_dict().items()}  # the weights are in save_weights' files only
     tensors |= {f"rng.{k}": g.get_state() for k, g in r.rngs.items() if isinstance(g, torch.Generator)}
     tensors |= {"ema": r.ema} if r.ema is not None else {}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "training_state.safetensors"))
@@ -360,7 +380,7 @@ def load_checkpoint(path: Path, r: Run) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "training_state.safetensors"), device=str(r.opt.flat.device))
-    r.opt.flat.copy_(tensors["weights"])
+    load_weights(r.unet, r.cfg, path)
     r.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
     for name, g in r.rngs.items():
         if isinstance(g, torch.Generator):
@@ -473,6 +493,32 @@ def evaluate(r: Run, grids: bool = True) -> None:
 # the run
 
 
+def agree_to_stop(r: Run, stop: list) -> bool:
+    """True on every rank once any rank was asked to stop. Preemption signals reach ranks at different steps, or
+    reach one rank only: a rank that left the loop alone would leave the others waiting in a gradient all-reduce
+    with no checkpoint written. So after each step the ranks decide together (one int, all-reduced over gloo on the
+    CPU: no GPU sync), all leave after the same step, and rank 0 writes the checkpoint."""
+    if r.world == 1:
+        return bool(stop)
+    flag = torch.tensor([int(bool(stop))])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=r.group)
+    return bool(flag.item())
+
+
+def wait_for_rank0(r: Run, what: str) -> None:
+    """The other ranks wait here, on the CPU, while rank 0 alone validates or writes a checkpoint, rather than
+    inside the next collective, where NCCL's watchdog would end the run after its own 10 minutes. The barrier's
+    timeout is distributed_timeout, sized for a full IF-I-XL checkpoint (config.py)."""
+    if r.world == 1:
+        return
+    try:
+        torch.distributed.monitored_barrier(r.group, timeout=timedelta(seconds=r.cfg.distributed_timeout))
+    except RuntimeError as e:
+        raise RuntimeError(f"rank {r.rank} waited more than distributed_timeout={r.cfg.distributed_timeout} s for "
+                           f"{what}: if rank 0 is still working (a slow disk, a long validation), raise "
+                           f"distributed_timeout; otherwise see the log of the rank that did not arrive") from e
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGINT / SIGTERM set a flag instead of killing the run: the loop finishes its step, saves a checkpoint and
@@ -499,13 +545,17 @@ def run(cfg: Config, stop: list) -> dict:
     from tqdm import tqdm
 
     r = setup(cfg)
-    if r.rank == 0 and r.step == 0 and cfg.validation_steps:
-        evaluate(r, grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
+    if r.step == 0 and cfg.validation_steps:
+        if r.rank == 0:
+            evaluate(r, grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
+        wait_for_rank0(r, "the held-out loss at step 0")
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * r.world
     batches, t0, start = r.loader.stream(), time.time(), r.step
     bar = tqdm(total=cfg.max_train_steps, initial=r.step, disable=r.rank != 0, dynamic_ncols=True)
-    while r.step < cfg.max_train_steps and not stop:
+    stopping = agree_to_stop(r, stop)
+    while r.step < cfg.max_train_steps and not stopping:
         row = train_step(r, batches)
+        stopping = agree_to_stop(r, stop)
         bar.update(1)
         if r.rank == 0 and (r.step % cfg.logging_steps == 0 or r.step == cfg.max_train_steps):
             rate = (r.step - start) * samples_per_step / (time.time() - t0)
@@ -513,22 +563,26 @@ def run(cfg: Config, stop: list) -> dict:
                    "skipped_steps": r.skipped, "time": time.time() - t0}
             r.metrics.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{rate:.1f}")
-        if r.rank == 0 and cfg.validation_steps and r.step % cfg.validation_steps == 0:
+        validating = cfg.validation_steps and r.step % cfg.validation_steps == 0
+        checkpointing = r.step % cfg.checkpointing_steps == 0 or stopping
+        if r.rank == 0 and validating:
             evaluate(r)
-        if r.step % cfg.checkpointing_steps == 0 or stop:
+        if checkpointing:
             save_checkpoint(r)
+        if validating or checkpointing:
+            wait_for_rank0(r, f"the validation or checkpoint of step {r.step}")
     bar.close()
-    if r.rank == 0 and not stop and cfg.validation_steps and r.step % cfg.validation_steps:
+    if r.rank == 0 and not stopping and cfg.validation_steps and r.step % cfg.validation_steps:
         evaluate(r)  # the final weights' loss and samples
     if r.rank == 0:
         r.metrics.close()
 
-    if stop:
+    summary = {"step": r.step}
+    if stopping:
+        summary["interrupted"] = True
         if r.rank == 0:
             print(f"interrupted: checkpoint saved at step {r.step}; resume with --resume_from_checkpoint=latest")
-        return {"step": r.step, "interrupted": True}
-    summary = {"step": r.step}
-    if r.rank == 0:
+    elif r.rank == 0:
         if r.ema is not None:
             r.opt.flat.copy_(r.ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
         save_weights(r.unet, cfg, r.out, r.source)
@@ -539,6 +593,7 @@ def run(cfg: Config, stop: list) -> dict:
         plot_losses(r.out / "metrics.jsonl", r.out / "loss.png")
         print(f"done: {r.step} steps in {summary['seconds']} s, {summary['samples_per_s']} samples/s, peak memory "
               f"{summary['peak_memory_gib']} GiB; weights, checkpoints, samples/ and loss.png are in {r.out}/")
+    wait_for_rank0(r, "the final weights")  # no rank returns before they exist
     if r.world > 1:
         torch.distributed.destroy_process_group()
     return summary

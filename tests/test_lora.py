@@ -251,6 +251,30 @@ def test_dropout_in_training_matches_peft(dora):
     close(run(ours), run(ref.eval()))
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 8), (4, 8, 3, 3)])
+def test_dropout_on_ranks_is_the_global_batch_sliced(shape):
+    """Rank r of 2, holding half the batch, drops what one process holding the whole batch drops on that half (so
+    N processes train like one with N times the batch), and one process drops exactly what F.dropout drops (as peft
+    does). Channels-last inputs keep their mask layout."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"proj": nn.Linear(8, 8) if len(shape) == 3 else nn.Conv2d(8, 8, 1)})
+    lora.add_lora(model, 2, targets=("proj",), dropout=0.5)
+    layer, x = model.proj, torch.randn(shape)
+    # laid out as the U-Net's LoRA inputs are: a channels-last conv input, a transposed view [B, L, C] of [B, C, L]
+    x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.manual_seed(1)
+    whole = layer._dropout(x, 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(whole, nn.functional.dropout(x, 0.5))
+    halves = []
+    for rank in range(2):
+        lora.shard_dropout(model, rank, 2)
+        torch.manual_seed(1)  # every rank seeds the default generator alike
+        halves.append(layer._dropout(x[2 * rank : 2 * rank + 2], 0.5))
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(halves[0] == 0, halves[1] == 0)  # the ranks' masks differ
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_lora_on_the_diffusers_unet_matches_peft(dora):
     """lora.py works on any nn.Module: ours on diffusers' own U-Net (all default targets, dropout) equals peft's."""

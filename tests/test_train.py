@@ -178,6 +178,8 @@ def test_sigkill_and_resume_is_exact(project, tmp_path):
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert next(iter(a.values())).dtype == torch.bfloat16
+    state = load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors"))
+    assert all(k.startswith(("opt.", "rng.")) for k in state)  # the weights are in checkpoint-3/unet/ alone
     rows = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r][-3:] == [4, 5, 6]
     for name in ("config.json", "loss.png", "skipped.txt", "scheduler/scheduler_config.json"):
@@ -206,15 +208,37 @@ def test_memory_options_resume_exactly_and_checkpoint_compact_states(options, pr
         a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors"))
-    n = state["weights"].numel()
+    assert all(k.startswith(("opt.", "rng.")) for k in state)  # the weights are stored once, in their own files
     if options == "LoRA on the int8 base":
         a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    elif options == "fused+8bit":
-        assert state["opt.exp_avg.codes"].dtype == torch.uint8 and state["opt.exp_avg_sq.codes"].numel() == n
+        return
+    n = sum(v.numel() for v in a.values())
+    if options == "fused+8bit":
+        assert state["opt.exp_avg.codes"].dtype == torch.uint8 and state["opt.exp_avg_sq.codes"].numel() >= n
     else:
         assert "opt.exp_avg_sq" not in state and any(k.startswith("opt.row.") for k in state)
         assert sum(v.numel() for k, v in state.items() if k.startswith(("opt.row", "opt.col", "opt.vec"))) < n / 4
+
+
+def test_a_lora_checkpoint_holds_its_weights_once_and_resumes_exactly(project, tmp_path):
+    """LoRA + DoRA + bitfit: the adapters, magnitudes and biases live in the checkpoint's LoRA files only, and a
+    resume reads them back bit for bit (a straight 6-step run equals 3 steps, then 3 more from checkpoint-3)."""
+    kw = dict(mixed_precision="bf16", checkpointing_steps=3, model_type="lora", use_dora=True, use_bitfit=True,
+              lora_rank=4)
+    train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "a"), **kw))
+    train.main(config(project, tmp_path, max_train_steps=3, output_dir=str(tmp_path / "b"), **kw))
+    for name in (train.LORA_FILE, lora.BIASES_FILE):
+        (tmp_path / "b" / name).unlink()
+    train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "b"),
+                      resume_from_checkpoint="latest", **kw))
+    files = {name: [load_file(str(tmp_path / d / name)) for d in "ab"] for name in (train.LORA_FILE, lora.BIASES_FILE)}
+    for name, (a, b) in files.items():
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(k.endswith("lora_magnitude_vector") for k in files[train.LORA_FILE][0])
+    assert files[lora.BIASES_FILE][0] and all(k.endswith(".bias") for k in files[lora.BIASES_FILE][0])
+    state = load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors"))
+    assert all(k.startswith(("opt.", "rng.")) for k in state)
 
 
 def test_fused_backward_refuses_what_it_cannot_do(project, tmp_path):
@@ -286,31 +310,111 @@ def test_nonfinite_steps_are_skipped_and_counted(project, tmp_path, monkeypatch)
         train.main(cfg)
 
 
-def test_two_gloo_processes_equal_one(project, tmp_path):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    """`torchrun --nproc_per_node=2 ARGS` on the CPU (gloo), one thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("kind", ["full", "lora with dropout"])
+def test_two_gloo_processes_equal_one(kind, project, tmp_path):
     """Two processes with half the batch each give the weights one process gets, up to float summation order.
 
-    The bound. Both runs see the same samples, noise and timesteps (test_rank_slices_reproduce_the_global_batch);
+    The bound. Both runs see the same samples, noise, timesteps and LoRA dropout masks
+    (test_rank_slices_reproduce_the_global_batch, tests/test_lora.py::test_dropout_on_ranks_is_the_global_batch_sliced);
     they differ only in the order fp32 sums the gradient (two half-batch sums and an all-reduce vs one sum): a
     relative difference of a few ulps, |dg| <= ~1e-6 for these gradients (clipped to norm 1). Adam's update
     lr * m / (sqrt(v) + eps) changes by at most lr * |dg| / eps for a change dg of the gradient; with the default eps
     (1e-8) a gradient near zero can flip its update by 2 lr, so the test sets eps = 1e-3: then 3 steps move the two
     runs apart by <= 3 * 1e-3 * 1e-6 / 1e-3 = 3e-6 (the later gradients' dependence on that is smaller still).
-    A wrong split of the batch or of the noise changes the gradients by O(1): the updates then differ by ~lr."""
-    cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100, adam_epsilon=1e-3)
+    A wrong split of the batch, the noise or the dropout masks changes the gradients by O(1): the updates then
+    differ by ~lr (rank-alike masks: each rank's half drops what the other half drops)."""
+    kw = {} if kind == "full" else dict(model_type="lora", lora_rank=4, lora_dropout=0.5)
+    cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100, adam_epsilon=1e-3,
+                 **kw)
     path = write_config(cfg, tmp_path / "c.py")
     one = run(path, f"--output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-               str(ROOT / "train.py"), path, f"--output_dir={tmp_path / 'two'}", "--train_batch_size=2"]
-    two = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = torchrun(ROOT / "train.py", path, f"--output_dir={tmp_path / 'two'}", "--train_batch_size=2")
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    torch.manual_seed(cfg.seed)
-    init = train.build(cfg.unet_config).state_dict()
+    if kind == "full":
+        a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+        torch.manual_seed(cfg.seed)
+        init = train.build(cfg.unet_config).state_dict()
+    else:
+        a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in ("one", "two"))
+        init = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()}  # only B starts at zero
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights by ~lr per step
     moved = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved < 1e-5, moved
+
+
+DRIVER = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import train
+from config import parse_args
+
+step, save = train.train_step, train.save_checkpoint
+
+
+def train_step(r, batches):  # a preemption signal that reaches rank 1 alone, after step {signal_at}
+    row = step(r, batches)
+    if r.rank == 1 and r.step == {signal_at}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return row
+
+
+def save_checkpoint(r):  # a slow disk on rank 0
+    if r.rank == 0:
+        time.sleep({sleep})
+    return save(r)
+
+
+train.train_step, train.save_checkpoint = train_step, save_checkpoint
+train.main(parse_args(sys.argv[1:], "driver"))
+"""
+
+
+def driver(tmp_path, signal_at=-1, sleep=0.0) -> Path:
+    path = tmp_path / "driver.py"
+    path.write_text(DRIVER.format(root=str(ROOT), signal_at=signal_at, sleep=sleep))
+    return path
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(project, tmp_path):
+    """Preemption reaches ranks at different steps, or one only: the ranks agree to stop after the same step, rank 0
+    writes that step's checkpoint, every process exits 0, and the run resumes from it."""
+    cfg = config(project, tmp_path, max_train_steps=1000, checkpointing_steps=1000, train_batch_size=1)
+    path = write_config(cfg, tmp_path / "c.py")
+    stopped = torchrun(driver(tmp_path, signal_at=3), path)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "interrupted: checkpoint saved at step 3" in stopped.stdout
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-3"]
+    resumed = torchrun(ROOT / "train.py", path, "--resume_from_checkpoint=latest", "--max_train_steps=5")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "done: 5 steps" in resumed.stdout
+    assert (tmp_path / "out" / "unet").is_dir()
+
+
+def test_a_rank0_checkpoint_past_the_timeout_fails_with_the_option_to_raise(project, tmp_path):
+    """The other ranks wait for rank 0's checkpoint at a barrier with distributed_timeout, and say so when it runs
+    out (rather than dying inside the next gradient all-reduce)."""
+    cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=2, train_batch_size=1,
+                 distributed_timeout=2)
+    slow = torchrun(driver(tmp_path, sleep=8), write_config(cfg, tmp_path / "c.py"))
+    assert slow.returncode != 0
+    assert "waited more than distributed_timeout=2 s for the validation or checkpoint of step 2" in slow.stderr
 
 
 @pytest.mark.parametrize("quantise_base", [False, True])
