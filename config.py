@@ -109,11 +109,36 @@ class Config:
     quantise_base: bool = _opt(False, "LoRA: hold the frozen U-Net weights in int8, per-channel scales (QLoRA-style)")
 
     # ---- loss ------------------------------------------------------------------------------
-    loss_type: Literal["hybrid", "mse"] = _opt(
-        "hybrid", "hybrid: epsilon MSE + VLB that trains the variance channels (as IF was trained); mse: epsilon only"
+    loss_type: Literal["hybrid", "mse", "huber", "smooth_l1"] = _opt(
+        "hybrid", "hybrid: epsilon MSE + VLB that trains the variance channels (as IF was trained); mse: epsilon "
+        "only; huber / smooth_l1: scheduled pseudo-Huber on epsilon (Khrapov et al. 2024), beside hybrid's VLB"
     )
     vlb_weight: float = _opt(1.0, "weight of the VLB term, relative to improved-DDPM's lambda=0.001 over 1000 steps")
-    snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice")
+    huber_schedule: Literal["constant", "exponential", "snr"] = _opt(
+        "snr", "huber / smooth_l1: how the threshold c moves with t: fixed, huber_c ** (t/T), or by the noise level "
+        "(1 at low noise, huber_c at high)"
+    )
+    huber_c: float = _opt(0.1, "huber / smooth_l1: residuals well below c count squared, above it linearly")
+    snr_gamma: float | None = _opt(
+        None, "min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice; None is off (0 an error)"
+    )
+    use_soft_min_snr: bool = _opt(
+        False, "soft min-SNR weighting of the epsilon loss (HDiT, Crowson et al. 2024): 1 / (1 + sigma_data^2 SNR_t); "
+        "instead of snr_gamma"
+    )
+    soft_min_snr_sigma_data: float = _opt(
+        0.5, "soft min-SNR's data standard deviation (0.5 for pixels in [-1, 1]); acts as gamma = 1 / sigma_data^2"
+    )
+    noise_offset: float = _opt(0.0, "offset noise (Guttenberg 2023): add offset * N(0, 1) per sample and channel to "
+                                    "the noise; 0.1 is usual, 0 is off")
+    noise_offset_probability: float = _opt(
+        0.25, "the fraction of samples that get the offset (drawn per sample; SimpleTuner draws once per batch)"
+    )
+    input_perturbation: float = _opt(
+        0.0, "input perturbation (Ning et al. 2023): x_t is made from noise + gamma * N(0, 1), the target stays the "
+        "noise; the paper's gamma is 0.1, 0 is off"
+    )
+    input_perturbation_steps: int = _opt(0, "decay input_perturbation linearly to 0 over this many steps (0: constant)")
     timestep_sampling: Literal["uniform", "stratified"] = _opt(
         "uniform", "how t is drawn per batch: i.i.d. uniform, or one per equal slice of [0, 1000)"
     )

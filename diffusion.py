@@ -7,10 +7,12 @@ between the posterior variance and beta_t ("learned_range", improved DDPM eq. 15
 
 The sampler reproduces diffusers' DDPMScheduler as IF ships it bit for bit (same float32 arithmetic,
 same noise draws), so a seeded image made here is the image the diffusers pipeline would make. The
-training loss follows improved DDPM's hybrid objective, as the original IF trainer used it.
+training loss follows improved DDPM's hybrid objective, as the original IF trainer used it; a pseudo-Huber
+epsilon term, min-SNR and soft min-SNR weightings, offset noise and input perturbation are options beside it.
 
     sched = Schedule()                                  # 1000-step squaredcos_cap_v2
-    x_t = q_sample(sched, x0, noise, t)                 # training input
+    noise = offset_noise(noise, 0.1, 0.25, g)           # optional, on the global batch's noise
+    x_t = q_sample(sched, x0, noise, t)                 # training input (or from input_perturbation(noise, 0.1, g))
     loss = training_losses(sched, unet(x_t, t, emb), x0, x_t, t, noise)   # [B]
     ts = timesteps_for("smart100")                      # or ("leading", steps=100), or [999, ..., 0]
     for t, prev_t in zip(ts, ts[1:] + [-1]):
@@ -59,10 +61,25 @@ def scheduler_config(stage: int, variance: str = "learned_range") -> dict:
     return {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[stage], "variance_type": variance}
 
 
-def sampler_variance(loss_type: str) -> str:
-    """The variance a model trained with `loss_type` samples with: the hybrid loss trains the variance channels,
-    so IF's learned_range stays valid; an epsilon-only (mse) loss leaves them as they were: fixed_small."""
-    return "learned_range" if loss_type == "hybrid" else "fixed_small"
+LOSS_TYPES = ("hybrid", "mse", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+def trains_variance(loss_type: str, out_channels: int = 6, channels: int = 3) -> bool:
+    """Whether `training_losses` has the VLB term, the one that trains the variance channels v: "hybrid" always (it
+    needs 2 * channels outputs), "huber" and "smooth_l1" when the U-Net has them (out_channels = 2 * channels, IF's
+    6), "mse" never."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    return loss_type == "hybrid" or (loss_type in ("huber", "smooth_l1") and out_channels == 2 * channels)
+
+
+def sampler_variance(loss_type: str, out_channels: int = 6) -> str:
+    """The variance a model trained with `loss_type` samples with: where the loss has the VLB term (hybrid; huber and
+    smooth_l1 on a U-Net with variance channels, as IF's 6-channel ones) the variance channels are trained, so IF's
+    learned_range stays valid; an epsilon-only loss (mse, or any loss on a 3-channel U-Net) leaves them as they were
+    or has none: fixed_small."""
+    return "learned_range" if trains_variance(loss_type, out_channels) else "fixed_small"
 
 
 def cosine_betas(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
@@ -378,6 +395,113 @@ def vlb_bpd(sched: Schedule, model_output: torch.Tensor, x0: torch.Tensor, x_t: 
     return torch.where(t.to(kl.device) == 0, nll, kl)
 
 
+def snr_at(sched: Schedule, t: torch.Tensor, device) -> torch.Tensor:
+    """SNR_t = abar_t / (1 - abar_t) for each t, [B] float32 on `device` (Kingma et al. 2021, "Variational
+    Diffusion Models", eq. 2 with alpha_t^2 = abar_t, sigma_t^2 = 1 - abar_t)."""
+    a = sched.get("alphas_cumprod", device)[t.to(device)]
+    return a / (1 - a)
+
+
+def huber_c_at(sched: Schedule, t: torch.Tensor, huber_c: float = 0.1, schedule: str = "snr") -> torch.Tensor:
+    """The pseudo-Huber threshold c for each t, [B] float32 on t's device (Khrapov et al. 2024, "Improving Diffusion
+    Models's Data-Corruption Resistance using Scheduled Pseudo-Huber Loss", arXiv:2403.16728):
+    "constant": huber_c. "exponential": huber_c ** (t / T), from 1 at t=0 to huber_c at t=T.
+    "snr": (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t = sqrt((1 - abar_t) / abar_t) = SNR_t^-1/2, near 1
+    at low noise (the loss is about the MSE there) and down to huber_c at high noise (about L1, robust to outliers)."""
+    if schedule not in HUBER_SCHEDULES:
+        raise ValueError(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}; got {schedule!r}")
+    if not huber_c > 0:
+        raise ValueError(f"huber_c must be > 0, got {huber_c}")
+    if schedule != "constant" and huber_c > 1:
+        raise ValueError(f"huber_schedule={schedule!r} moves c from 1 at t=0 down to huber_c at t=T, so huber_c must "
+                         f"be in (0, 1]; got {huber_c}. For a larger fixed c use huber_schedule='constant'")
+    t = torch.as_tensor(t).reshape(-1)
+    if schedule == "constant":
+        return torch.full(t.shape, float(huber_c), device=t.device)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) / sched.num_train_timesteps * t.float())
+    sigma = snr_at(sched, t, t.device) ** -0.5
+    return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
+
+
+def pseudo_huber(residual: torch.Tensor, c: torch.Tensor | float, loss_type: str = "huber") -> torch.Tensor:
+    """Elementwise pseudo-Huber loss of `residual` r (Charbonnier et al. 1994; Hartley & Zisserman, "Multiple View
+    Geometry", 2nd ed.) with threshold c (a float, or a tensor broadcasting against r), scaled as Khrapov et al.
+    2024 (arXiv:2403.16728): "huber": 2c (sqrt(r^2 + c^2) - c), about r^2 (the MSE) for |r| << c and 2c|r| for
+    |r| >> c.
+    "smooth_l1": the same divided by c, 2 (sqrt(r^2 + c^2) - c): about r^2 / c, then 2|r| (an L1 for any c; not
+    torch's piecewise smooth_l1_loss). Computed as 2c r^2 / (sqrt(r^2 + c^2) + c), the same value without the
+    cancellation of sqrt(r^2 + c^2) - c at small r."""
+    if loss_type not in ("huber", "smooth_l1"):
+        raise ValueError(f"pseudo_huber's loss_type must be 'huber' or 'smooth_l1', got {loss_type!r}")
+    r2 = residual**2
+    d = r2 / ((r2 + c**2) ** 0.5 + c)  # = sqrt(r^2 + c^2) - c
+    return 2 * c * d if loss_type == "huber" else 2 * d
+
+
+def soft_min_snr_weight(snr: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """The epsilon-loss weight of soft min-SNR (Crowson et al. 2024, "Hourglass Diffusion Transformers",
+    arXiv:2401.11605): 1 / (1 + sigma_data^2 SNR_t).
+
+    HDiT weights its Karras-preconditioned loss |F - F_target|^2 by (sigma sigma_data)^2 / (sigma^2 + sigma_data^2)^2
+    (sigma the EDM noise level, F the network output of Karras et al. 2022, eq. 7). Since |F - F_target|^2 =
+    |D - x_0|^2 / c_out^2 with c_out^2 = (sigma sigma_data)^2 / (sigma^2 + sigma_data^2), that is |D - x_0|^2 /
+    (sigma^2 + sigma_data^2); with sigma^2 = 1 / SNR_t (x_t / sqrt(abar_t) = x_0 + sigma eps) and |D - x_0|^2 =
+    sigma^2 |eps_theta - eps|^2 it is the weight above on the eps MSE. It is min-SNR-gamma (Hang et al. 2023) with the
+    min of SNR and gamma replaced by a soft one, 1 / (1/SNR + 1/gamma), and gamma = 1 / sigma_data^2: about 1 where
+    SNR_t << gamma and gamma / SNR_t where SNR_t >> gamma, as min(SNR_t, gamma) / SNR_t. sigma_data is the standard
+    deviation of the training pixels (in [-1, 1]: about 0.5, the EDM/HDiT value; 1 gives gamma = 1)."""
+    if not sigma_data > 0:
+        raise ValueError(f"soft_min_snr_sigma_data must be > 0, got {sigma_data}")
+    return 1 / (1 + sigma_data**2 * snr)
+
+
+def offset_noise(noise: torch.Tensor, offset: float, probability: float = 1.0, generator=None) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023, "Diffusion with Offset Noise"): noise + offset * z, z ~ N(0, 1) of shape
+    [B, C, 1, 1] (one constant per sample and channel), applied to each sample independently with `probability`.
+    Returns the new noise, both q_sample's and the loss's target. Pass the *global* batch's noise: the draws (z of
+    [B, C, 1, 1], then uniforms of [B]) come from `generator` with shapes fixed by `noise` alone, whatever
+    `probability`, so every rank draws the same and slices its rows after.
+
+    In pixel space it does what it does for latents. A channel's mean over H*W pixels is noised by the mean of the
+    noise, whose variance is only 1 / (H*W), so that component keeps SNR_t * mean^2 * H*W: for a mean of 0.3 above 1
+    up to t = 965 at 64 px and t = 990 at 256 px, although IF's cosine schedule itself ends at SNR = 2.4e-9 (SD's
+    scaled-linear one at 0.0047). The model learns to read the image's mean colour off x_t at nearly every t and never
+    to change it, and at sampling that mean is the starting noise's (27 'leading' steps start at t = 962). With
+    offset 0.1 the mean's noise variance is 0.01 + 1/(H*W), 42 times larger at 64 px: it is destroyed as early as
+    the details, and the model learns to pick brightness and colour itself."""
+    if not offset >= 0:
+        raise ValueError(f"noise_offset must be >= 0, got {offset}")
+    if not 0 <= probability <= 1:
+        raise ValueError(f"noise_offset_probability must be in [0, 1], got {probability}")
+    B, C = noise.shape[:2]
+    on = generator.device if generator is not None else noise.device
+    z = torch.randn((B, C, 1, 1), generator=generator, device=on)
+    use = torch.rand((B, 1, 1, 1), generator=generator, device=on) < probability
+    return noise + (offset * z * use).to(noise.device, noise.dtype)
+
+
+def input_perturbation(noise: torch.Tensor, gamma: float, generator=None) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models",
+    arXiv:2301.11706, eq. 9 / algorithm 1): the noise that makes x_t = q_sample(x_0, noise + gamma * xi), xi ~ N(0, I)
+    of noise's shape, while the loss's target stays `noise`. The model so meets inputs a little off the forward
+    process, as its own samples are at inference. Returns noise + gamma * xi; pass the *global* batch's noise, xi is
+    one draw of its shape from `generator` (every rank draws the same, then slices)."""
+    if not gamma >= 0:
+        raise ValueError(f"input_perturbation must be >= 0, got {gamma}")
+    on = generator.device if generator is not None else noise.device
+    xi = torch.randn(noise.shape, generator=generator, device=on)
+    return noise + (gamma * xi).to(noise.device, noise.dtype)
+
+
+def input_perturbation_at(gamma: float, step: int, steps: int = 0) -> float:
+    """input_perturbation's gamma at optimizer step `step`: constant for steps = 0, else gamma * (1 - step / steps)
+    for step < steps and 0 after (a linear decay, as SimpleTuner's input_perturbation_steps)."""
+    if steps < 0:
+        raise ValueError(f"input_perturbation_steps must be >= 0, got {steps}")
+    return gamma if steps == 0 else gamma * max(0.0, 1 - step / steps)
+
+
 def training_losses(
     sched: Schedule,
     model_output: torch.Tensor,
@@ -389,35 +513,58 @@ def training_losses(
     loss_type: str = "hybrid",
     vlb_weight: float = 1.0,
     snr_gamma: float | None = None,
+    huber_c: float = 0.1,
+    huber_schedule: str = "snr",
+    use_soft_min_snr: bool = False,
+    soft_min_snr_sigma_data: float = 0.5,
     return_terms: bool = False,
 ):
-    """Per-sample loss [B] for x_t = q_sample(sched, x0, noise, t), computed in float32.
+    """Per-sample loss [B] for x_t = q_sample(sched, x0, noise_in, t), computed in float32; `noise` is the target
+    (noise_in is noise itself, or `input_perturbation`'s).
 
-    "mse": L_simple, DDPM eq. 14: mean over C, H, W of (eps - eps_theta)^2 on the 3 eps channels (v
-    channels, if any, get no gradient). "hybrid": improved DDPM's L_hybrid = L_simple + lambda L_vlb
-    (sec. 3.1) with lambda = 0.001 and L_vlb = T * L_t for the sampled t, i.e.
+    The eps term, on the C eps channels (v channels, if any, get no gradient from it):
+    "mse": L_simple, DDPM eq. 14: mean over C, H, W of (eps - eps_theta)^2. "hybrid": improved DDPM's L_hybrid =
+    L_simple + lambda L_vlb (sec. 3.1) with lambda = 0.001 and L_vlb = T * L_t for the sampled t, i.e.
     L_simple + vlb_weight * (T / 1000) * vlb_bpd, the original IF trainer's scaling; it needs the 6-channel
-    output and raises for a 3-channel one. `snr_gamma` weights the MSE term by min(SNR_t, gamma) / SNR_t
-    (min-SNR-gamma, Hang et al. 2023, eq. for eps prediction), SNR_t = abar_t / (1 - abar_t).
-    With `return_terms` also returns {"mse": [B], "vlb": [B]} (detached) for logging."""
+    output and raises for a 3-channel one. "huber" / "smooth_l1": the mean of `pseudo_huber(eps_theta - eps, c_t)`
+    instead of the MSE, c_t = `huber_c_at(sched, t, huber_c, huber_schedule)`; beside it the same VLB term as hybrid
+    when the model outputs 6 channels (the variance stays learned, sample with learned_range), none for a 3-channel
+    one (see `trains_variance`, `sampler_variance`).
+
+    Weighting of the eps term (at most one): `snr_gamma` weights it by min(SNR_t, gamma) / SNR_t (min-SNR-gamma, Hang
+    et al. 2023, eq. for eps prediction), SNR_t = abar_t / (1 - abar_t); `use_soft_min_snr` by 1 / (1 + sigma_data^2
+    SNR_t) (`soft_min_snr_weight`). The VLB term is never weighted. With `return_terms` also returns {"mse": [B],
+    "vlb": [B]} (detached) for logging; "mse" is the weighted eps term (the pseudo-Huber one for huber/smooth_l1)."""
     C = x0.shape[1]
     if model_output.shape[1] not in (C, 2 * C):
         raise ValueError(f"model output has {model_output.shape[1]} channels; expected {C} (eps) or {2 * C} (eps, v)")
-    if loss_type not in ("hybrid", "mse"):
-        raise ValueError(f"loss_type must be 'hybrid' or 'mse', got {loss_type!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
     if loss_type == "hybrid" and model_output.shape[1] != 2 * C:
         raise ValueError(
             f"loss_type='hybrid' trains the variance channels, but the model outputs only {C} channels: "
             "use loss_type='mse' (and sample with variance='fixed_small')"
         )
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma={snr_gamma} would weight the loss by 0 or less; None turns min-SNR off")
+    if snr_gamma is not None and use_soft_min_snr:
+        raise ValueError(
+            "snr_gamma and use_soft_min_snr are two weightings of the same term, and soft min-SNR is itself a soft "
+            "min-SNR-gamma with gamma = 1 / soft_min_snr_sigma_data^2: set snr_gamma=None, or use_soft_min_snr=False"
+        )
     out, x0, x_t, noise = model_output.float(), x0.float(), x_t.float(), noise.float()
-    mse = ((noise - out[:, :C]) ** 2).mean(dim=(1, 2, 3))  # [B]
+    if loss_type in ("huber", "smooth_l1"):
+        c = huber_c_at(sched, t.to(x0.device), huber_c, huber_schedule).reshape(-1, 1, 1, 1)
+        mse = pseudo_huber(out[:, :C] - noise, c, loss_type).mean(dim=(1, 2, 3))  # [B], the eps term
+    else:
+        mse = ((noise - out[:, :C]) ** 2).mean(dim=(1, 2, 3))  # [B]
     if snr_gamma is not None:
-        a = sched.get("alphas_cumprod", x0.device)[t.to(x0.device)]
-        snr = a / (1 - a)
+        snr = snr_at(sched, t, x0.device)
         mse = mse * snr.clamp(max=snr_gamma) / snr
+    elif use_soft_min_snr:
+        mse = mse * soft_min_snr_weight(snr_at(sched, t, x0.device), soft_min_snr_sigma_data)
     vlb = torch.zeros_like(mse)
-    if loss_type == "hybrid":
+    if trains_variance(loss_type, out.shape[1], C):
         vlb = vlb_bpd(sched, out, x0, x_t, t) * (sched.num_train_timesteps / 1000.0)
     loss = mse + vlb_weight * vlb
     return (loss, {"mse": mse.detach(), "vlb": vlb.detach()}) if return_terms else loss

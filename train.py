@@ -106,15 +106,23 @@ def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
     return unet, params, source
 
 
-def model_inputs(batch: dict, sched, cfg: Config, gen: torch.Generator, rank: int, world: int, device, dtype):
+def model_inputs(batch: dict, sched, cfg: Config, gen: torch.Generator, rank: int, world: int, device, dtype,
+                 step: int = 0):
     """Noise the batch. Randomness is drawn for the *global* batch (all ranks alike) and sliced, so N processes
-    see exactly what one process with the whole batch would. Returns x0, noise, t, model input, x_t, noise level."""
+    see exactly what one process with the whole batch would. Returns x0, noise (the loss's target), t, model input,
+    x_t, noise level. noise_offset changes the noise; input_perturbation only the noise x_t is made with."""
     x0 = batch["pixels"].to(device, torch.float32)
     B = x0.shape[0]
     mine = slice(rank * B, (rank + 1) * B)
     t = diffusion.sample_timesteps(B * world, sched.num_train_timesteps, gen, cfg.timestep_sampling, device)[mine]
-    noise = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=device)[mine]
-    x_t = diffusion.q_sample(sched, x0, noise, t)  # fp32
+    noise = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=device)
+    if cfg.noise_offset:
+        noise = diffusion.offset_noise(noise, cfg.noise_offset, cfg.noise_offset_probability, gen)
+    noise_in, gamma = noise, diffusion.input_perturbation_at(cfg.input_perturbation, step, cfg.input_perturbation_steps)
+    if gamma:
+        noise_in = diffusion.input_perturbation(noise, gamma, gen)
+    noise, noise_in = noise[mine], noise_in[mine]
+    x_t = diffusion.q_sample(sched, x0, noise_in, t)  # fp32
     level, x_in = None, x_t
     if cfg.stage == 2:  # the low-res partner, upsampled and noise-augmented at a per-sample level (the class label)
         lo, hi = cfg.noise_aug_range
@@ -167,7 +175,13 @@ class Run:
 
 
 def check_options(cfg: Config, world: int) -> None:
-    """Refuse what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do instead."""
+    """Refuse, before anything is loaded, loss options out of range (diffusion.py's own checks, run on a one-pixel
+    batch) and what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do instead."""
+    z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
+    diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg))
+    diffusion.offset_noise(z, cfg.noise_offset, cfg.noise_offset_probability)
+    diffusion.input_perturbation(z, diffusion.input_perturbation_at(cfg.input_perturbation, 0,
+                                                                    cfg.input_perturbation_steps))
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
@@ -234,6 +248,17 @@ def setup(cfg: Config) -> Run:
     return r
 
 
+def loss_options(cfg: Config, weighted: bool = True) -> dict:
+    """The config's options of diffusion.training_losses; `weighted=False` leaves the SNR weightings out (the
+    held-out loss stays comparable across them)."""
+    options = dict(loss_type=cfg.loss_type, vlb_weight=cfg.vlb_weight, huber_c=cfg.huber_c,
+                   huber_schedule=cfg.huber_schedule)
+    if weighted:
+        options |= dict(snr_gamma=cfg.snr_gamma, use_soft_min_snr=cfg.use_soft_min_snr,
+                        soft_min_snr_sigma_data=cfg.soft_min_snr_sigma_data)
+    return options
+
+
 def train_step(r: Run, batches) -> dict:
     """One optimizer step: gradient_accumulation_steps micro-batches from `batches`, then the clipped AdamW update,
     skipped (and counted) when the loss or the gradient is not finite. Advances r.step; returns what the log shows
@@ -245,13 +270,12 @@ def train_step(r: Run, batches) -> dict:
     for micro in range(n_micro):
         batch = next(batches)
         x0, noise, t, x_in, x_t, level = model_inputs(batch, r.sched, cfg, r.rngs["train"], r.rank, r.world, r.device,
-                                                      r.dtype)
+                                                      r.dtype, r.step)
         text = text_for(batch["captions"], r.cache, cfg, r.rngs["python"], r.world, r.rank, r.device, r.dtype)
         last = micro == n_micro - 1
         with r.model.no_sync() if r.world > 1 and not last else contextlib.nullcontext():  # all-reduce once
             output = r.model(x_in, t, text, noise_level=level)
-            loss, parts = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, loss_type=cfg.loss_type,
-                                                    vlb_weight=cfg.vlb_weight, snr_gamma=cfg.snr_gamma,
+            loss, parts = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **loss_options(cfg),
                                                     return_terms=True)
             (loss.mean() / n_micro).backward()
         terms = {k: terms[k] + parts[k].mean() / n_micro for k in terms}
@@ -289,7 +313,7 @@ def save_weights(unet: UNet, cfg: Config, directory: Path, source: str) -> None:
     biases in the file beside it that the LoRA file names, see lora.py), or, for model_type='full' (all weights, or
     with use_bitfit only the biases), a complete diffusers unet/ + scheduler/ folder that sample.py and diffusers
     take as the base weights."""
-    variance = diffusion.sampler_variance(cfg.loss_type)
+    variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
     meta = {"variance_trained": str(variance == "learned_range").lower(), "base_model": source, "stage": str(cfg.stage)}
     meta |= {"base_quantised": "int8"} if cfg.quantise_base else {}  # sample.py then samples on the int8 base too
     if cfg.model_type == "lora":
@@ -422,7 +446,7 @@ def validate(r: Run) -> Path:
     held-out images (low-res | upscaled | original) at each size. The same seed for every image."""
     cfg, unet, device, dtype = r.cfg, r.unet, r.device, r.dtype
     unet.eval()
-    variance = diffusion.sampler_variance(cfg.loss_type)
+    variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
     kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}  # None: the stage's own
     neg = r.cache.get([cfg.validation_negative_prompt]).to(device, dtype)
     gen = torch.Generator(device).manual_seed(cfg.validation_seed)
@@ -474,8 +498,7 @@ def eval_loss(unet, items: list[dict], cache, sched, cfg: Config, device, dtype)
             low = item["low_res"][None].to(device, torch.float32)
             x_in = torch.cat([x_t, diffusion.low_res_condition(sched, low, x0.shape[-2:], aug, levels)], 1)
         out = unet(x_in.to(dtype), t, cache.get([item["caption"]]).to(device, dtype), noise_level=levels)
-        losses.append(diffusion.training_losses(sched, out, x0, x_t, t, noise, loss_type=cfg.loss_type,
-                                                vlb_weight=cfg.vlb_weight).item())
+        losses.append(diffusion.training_losses(sched, out, x0, x_t, t, noise, **loss_options(cfg, False)).item())
     unet.train()
     return sum(losses) / max(1, len(losses))
 

@@ -100,9 +100,14 @@ def test_stage2_inputs_are_the_noised_upsampled_partner(project, tmp_path):
     torch.testing.assert_close(x_in[:, 3:], diffusion.q_sample(sched, up, aug, level))
 
 
-def test_rank_slices_reproduce_the_global_batch(project, tmp_path):
+NOISE_OPTIONS = {"plain": {}, "offset noise, input perturbation": dict(noise_offset=0.1, noise_offset_probability=0.5,
+                                                                       input_perturbation=0.1)}
+
+
+@pytest.mark.parametrize("options", NOISE_OPTIONS)
+def test_rank_slices_reproduce_the_global_batch(options, project, tmp_path):
     """What rank r of 2 draws is exactly the r-th half of what one process draws for the whole batch."""
-    cfg, sched = config(project, tmp_path, stage=2), diffusion.Schedule()
+    cfg, sched = config(project, tmp_path, stage=2, **NOISE_OPTIONS[options]), diffusion.Schedule()
     full = {"pixels": torch.rand(4, 3, 64, 64), "low_res": torch.rand(4, 3, 16, 16)}
     one = train.model_inputs(full, sched, cfg, torch.Generator().manual_seed(5), 0, 1, "cpu", torch.float32)
     for r in range(2):
@@ -110,6 +115,32 @@ def test_rank_slices_reproduce_the_global_batch(project, tmp_path):
         mine = train.model_inputs(half, sched, cfg, torch.Generator().manual_seed(5), r, 2, "cpu", torch.float32)
         for a, b in zip(one, mine):
             torch.testing.assert_close(a[2 * r : 2 * r + 2], b)
+
+
+def test_noise_options_change_the_target_or_only_the_input(project, tmp_path):
+    """noise_offset moves the target noise by a constant per sample and channel (for the samples it picks);
+    input_perturbation makes x_t from perturbed noise while the target stays the noise drawn."""
+    sched, batch = diffusion.Schedule(), {"pixels": torch.rand(8, 3, 32, 32) * 2 - 1}
+
+    def inputs(**kw):
+        cfg = config(project, tmp_path, **kw)
+        return train.model_inputs(batch, sched, cfg, torch.Generator().manual_seed(5), 0, 1, "cpu", torch.float32)
+
+    x0, noise, t, _, x_t, _ = inputs()
+    _, offset, t2, _, x_t2, _ = inputs(noise_offset=0.1, noise_offset_probability=0.5)
+    shift = offset - noise
+    assert torch.equal(t, t2) and torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)
+    moved = shift.abs().amax(dim=(1, 2, 3)) > 0
+    assert 0 < moved.sum() < 8 and shift[moved].abs().amax() < 0.5  # some samples, by ~0.1 x N(0, 1)
+    torch.testing.assert_close(x_t2, diffusion.q_sample(sched, x0, offset, t))
+    _, target, _, _, x_t3, _ = inputs(input_perturbation=0.1)
+    assert torch.equal(target, noise) and not torch.allclose(x_t3, x_t)
+    xi = (x_t3 - x_t) / (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1) / 0.1
+    assert 0.8 < xi.std() < 1.2  # x_t3 = q_sample(x0, noise + 0.1 xi), xi ~ N(0, 1)
+    with pytest.raises(ValueError, match="noise_offset_probability"):
+        train.check_options(config(project, tmp_path, noise_offset=0.1, noise_offset_probability=2.0), world=1)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        train.check_options(config(project, tmp_path, snr_gamma=5.0, use_soft_min_snr=True), world=1)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora", "dora", "bitfit", "lora_stage2"])
