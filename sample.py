@@ -340,7 +340,7 @@ def read_scheduler_config(path_or_id) -> dict | None:
     """scheduler/scheduler_config.json beside unet/ (a local folder, a bare unet folder's parent, or a Hub repo)."""
     p = Path(path_or_id)
     if p.exists():
-        root = p.parent if (p / "config.json").is_file() else p  # a bare unet folder: look beside it
+        root = p if (p / "unet").is_dir() else p.parent  # else a bare unet folder: look beside it
         f = root / "scheduler" / "scheduler_config.json"
         return json.loads(f.read_text()) if f.is_file() else None
     try:

@@ -295,3 +295,15 @@ def test_cli_bad_arguments(folders, cli, tmp_path):
     with pytest.raises(ValueError, match="bad resolution '16px'"):
         run(config, "--prompt=a", "--resolution=16px", f"--output_dir={tmp_path}")
     assert json.loads((folders[0] / "scheduler" / "scheduler_config.json").read_text())["sample_max_value"] == 1.5
+
+
+def test_scheduler_config_is_read_beside_unet_in_a_run_folder(tmp_path):
+    """A full run's output_dir holds the run's config.json next to unet/ and scheduler/: its scheduler is the one
+    read (not the parent folder's), and a bare unet/ folder still finds the scheduler/ beside it."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")  # the training run's config
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"variance_type": "fixed_small"}))
+    assert sample.read_scheduler_config(tmp_path)["variance_type"] == "fixed_small"
+    assert sample.read_scheduler_config(tmp_path / "unet")["variance_type"] == "fixed_small"
