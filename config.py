@@ -173,6 +173,13 @@ class Config:
     checkpoints_total_limit: int | None = _opt(None, "keep only the newest this many checkpoints (None: keep all)")
     logging_steps: int = _opt(10, "append to metrics.jsonl every this many steps")
     report_to: Literal["none", "tensorboard"] = _opt("none", "also log to TensorBoard (if installed)")
+    push_to_hub: bool = _opt(False, "at the end, upload output_dir (weights, model card, samples; no checkpoints or "
+                                    "training state) to hub_model_id; a failed upload never fails the run")
+    hub_model_id: str | None = _opt(None, "the Hub model repo to upload to, 'user/name' (created if missing); log in "
+                                          "first: hf auth login, or set HF_TOKEN")
+    hub_private: bool = _opt(True, "create the Hub repo private (an existing repo keeps its visibility)")
+    push_checkpoints_to_hub: bool = _opt(False, "also upload each checkpoint's weights and card to the repo, in the "
+                                                "background (one commit each)")
     device: str | None = _opt(None, "torch device (None: cuda if available, else cpu)")
     # Rank 0 validates and writes checkpoints alone while the other ranks wait; a full IF-I-XL checkpoint (weights,
     # moments, EMA: ~35 GB) takes ~12 min at 50 MB/s, and its validation a few more. NCCL's own 10 min would fire.

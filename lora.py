@@ -66,6 +66,7 @@ from torch import nn
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")  # the whole attention path
 METADATA_KEY = "lora_adapter_metadata"  # the safetensors metadata entry diffusers turns into a peft LoraConfig
 BIASES_KEY = "bitfit_biases"  # a LoRA file's metadata entry naming the file of its trained biases (same folder)
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 BIASES_FILE = "bitfit_biases.safetensors"  # that file, as save_lora writes it
 BITFIT_KEY = "bitfit"  # "true" in the metadata of a file that holds trained biases
 IGNORED_PREFIX = "text_encoder."  # another component's LoRA keys in a pipeline's file; skipped with a warning

@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 import data
 import diffusion
+import hub
 import lora
 import quant
 import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
+from lora import LORA_FILE
 from model import UNet, build, read_weights
 from optim import AdamW, ema_update
 
@@ -178,10 +180,14 @@ def check_options(cfg: Config, world: int) -> None:
     """Refuse, before anything is loaded, loss options out of range (diffusion.py's own checks, run on a one-pixel
     batch) and what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do instead."""
     z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
-    diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg))
+    diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg),
+                              return_terms=True)
     diffusion.offset_noise(z, cfg.noise_offset, cfg.noise_offset_probability)
     diffusion.input_perturbation(z, diffusion.input_perturbation_at(cfg.input_perturbation, 0,
                                                                     cfg.input_perturbation_steps))
+    if (cfg.push_to_hub or cfg.push_checkpoints_to_hub) and not cfg.hub_model_id:
+        raise ValueError("push_to_hub / push_checkpoints_to_hub upload to hub_model_id: set it, e.g. "
+                         "hub_model_id='user/corgi-lora'")
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
@@ -305,7 +311,6 @@ def train_step(r: Run, batches) -> dict:
 # ---------------------------------------------------------------------------------------------
 # checkpoints: written to a temporary directory, then renamed (a crash never leaves half a checkpoint)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 
 
 def save_weights(unet: UNet, cfg: Config, directory: Path, source: str) -> None:
@@ -382,6 +387,9 @@ def save_checkpoint(r: Run) -> Path | None:
         os.replace(final, old)
     os.replace(tmp, final)  # atomic: the checkpoint appears whole or not at all
     shutil.rmtree(old, ignore_errors=True)
+    hub.write_card(r.cfg, final, repo_id=r.cfg.hub_model_id, step=r.step)  # the model card beside the weights
+    if r.cfg.push_checkpoints_to_hub:
+        hub.push(final, r.cfg.hub_model_id, private=r.cfg.hub_private, background=True, commit_message=f"step {r.step}")
     done = _checkpoints(r.out)
     for step in list(done)[: -r.cfg.checkpoints_total_limit] if r.cfg.checkpoints_total_limit else []:
         shutil.rmtree(done[step], ignore_errors=True)
@@ -614,9 +622,14 @@ def run(cfg: Config, stop: list) -> dict:
         summary |= {"seconds": round(seconds, 1), "peak_memory_gib": round(peak / 2**30, 2),
                     "samples_per_s": round((r.step - start) * samples_per_step / seconds, 2)}
         plot_losses(r.out / "metrics.jsonl", r.out / "loss.png")
+        hub.write_card(cfg, r.out, repo_id=cfg.hub_model_id)
         print(f"done: {r.step} steps in {summary['seconds']} s, {summary['samples_per_s']} samples/s, peak memory "
               f"{summary['peak_memory_gib']} GiB; weights, checkpoints, samples/ and loss.png are in {r.out}/")
     wait_for_rank0(r, "the final weights")  # no rank returns before they exist
+    if r.rank == 0:  # uploads: the others need not wait for them
+        if cfg.push_to_hub and not stopping:
+            hub.push(r.out, cfg.hub_model_id, private=cfg.hub_private)  # after any checkpoint still uploading
+        hub.wait()
     if r.world > 1:
         torch.distributed.destroy_process_group()
     return summary

@@ -328,6 +328,8 @@ def test_nonfinite_steps_are_skipped_and_counted(project, tmp_path, monkeypatch)
 
     def poisoned(*a, **k):
         loss, terms = real(*a, **k)
+        if not loss.requires_grad:  # check_options trying the loss options, not a training step
+            return loss, terms
         n.append(1)
         return (loss * float("nan"), terms) if len(n) == 2 else (loss, terms)
 
@@ -564,6 +566,8 @@ def test_resume_restores_the_nonfinite_streak_and_logs_each_step_once(project, t
 
     def poisoned(*a, **k):  # steps 3, 4 (before the checkpoint) and 5 (after it) are non-finite
         loss, terms = real(*a, **k)
+        if not loss.requires_grad:  # check_options trying the loss options, not a training step
+            return loss, terms
         n.append(1)
         return (loss * math.nan, terms) if len(n) in (3, 4, 5) else (loss, terms)
 
@@ -691,3 +695,41 @@ def test_a_compiled_run_trains_like_an_eager_one(project, tmp_path):
     assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cards_are_written_and_uploads_never_fail_the_run(project, tmp_path, monkeypatch, capsys):
+    """Each checkpoint and the final output get a model card; with push_checkpoints_to_hub and push_to_hub they are
+    uploaded, checkpoints first, without training states; an upload that fails is reported and the run finishes."""
+    import huggingface_hub
+    import yaml
+
+    calls = []
+
+    class FakeApi:  # HfApi's two calls, recorded; the network is never reached
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns, commit_message):
+            files = sorted(huggingface_hub.utils.filter_repo_objects(  # what upload_folder would send
+                [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()],
+                ignore_patterns=ignore_patterns))
+            calls.append((commit_message, files))
+            if len(calls) == 3:
+                raise OSError("connection reset (simulated)")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    cfg = config(project, tmp_path, model_type="lora", max_train_steps=4, checkpointing_steps=2, push_to_hub=True,
+                 push_checkpoints_to_hub=True, hub_model_id="user/squares")
+    assert train.main(cfg)["step"] == 4
+    out = Path(cfg.output_dir)
+    for folder in (out, out / "checkpoint-2", out / "checkpoint-4"):
+        front = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+        assert front["license"] == "deepfloyd-if-license" and "lora" in front["tags"]
+    assert [c[0] for c in calls] == ["step 2", "step 4", "Upload out"]
+    assert train.LORA_FILE in calls[0][1] and not any("training_state" in f for c in calls for f in c[1])
+    assert "upload of" in capsys.readouterr().out and (out / train.LORA_FILE).is_file()  # the failure, reported
+    with pytest.raises(ValueError, match="hub_model_id"):
+        train.check_options(config(project, tmp_path, push_to_hub=True), world=1)
