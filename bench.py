@@ -10,6 +10,7 @@
     python bench.py --memory                               # each memory option's predicted peak per flavour
     python bench.py --quality                              # what the memory options cost: demo held-out loss
     python bench.py --t5int8                               # int8 T5's embeddings against bf16's
+    python bench.py --scan                                 # data.scan of 10,000 images: 1 and 2 processes, rerun
 
 Every measurement runs in a fresh subprocess, so peak memory is honest. Timed parts repeat after a warm-up and
 report medians; with --rounds=N each row runs N times, ours and the reference in turn, and reports the medians
@@ -962,6 +963,112 @@ def print_quality(report: dict) -> None:
               f"{max(rel, key=abs):+.1%} |")
 
 
+# ---------------------------------------------------------------------------------------------
+# the data scan (data.scan): a first scan on one and on two processes, and a rerun from the scan cache
+
+
+def _scan_rank(rank: int, datasets: list, root: str, cache: str) -> None:
+    """One of two gloo processes (torch.multiprocessing.spawn): the scan between two barriers, so process start-up
+    and imports are not timed; writes its seconds and its number of decodes."""
+    import data
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{Path(cache).name}",
+                                         rank=rank, world_size=2)
+    calls, real = [], data.probe
+    data.probe = lambda path: calls.append(1) or real(path)
+    torch.distributed.barrier()
+    t = time.perf_counter()
+    data.scan(datasets, f"{root}/out", rank, 2, cache)
+    torch.distributed.barrier()
+    Path(root, f"rank{rank}.json").write_text(json.dumps({"seconds": time.perf_counter() - t, "decoded": len(calls)}))
+    torch.distributed.destroy_process_group()
+
+
+def scan_rows(n: int, root: Path) -> list[dict]:
+    """`n` 64x64 JPEGs (noise, each with a .txt caption) as a folder and as img2dataset shards of 1000 samples (KEY.jpg
+    + KEY.txt + KEY.json), dated an hour back (data.RACY_NS: the cache trusts no file modified just before a scan);
+    each scanned first in one process, first in two gloo processes, and again from the cache."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+    from config import Config
+
+    rng, then = np.random.default_rng(0), time.time() - 3600
+    (root / "folder").mkdir()
+    shards = [tarfile.open(root / f"{s:05d}.tar", "w") for s in range(math.ceil(n / 1000))]
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        key, jpeg, caption = f"{i:09d}", buf.getvalue(), f"a picture of noise number {i}"
+        (root / "folder" / f"{key}.jpg").write_bytes(jpeg)
+        (root / "folder" / f"{key}.txt").write_text(caption)
+        for ext, body in (("jpg", jpeg), ("txt", caption.encode()), ("json", json.dumps({"key": key}).encode())):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(body)
+            shards[i // 1000].addfile(info, io.BytesIO(body))
+    for tar in shards:
+        tar.close()
+    for f in [*(root / "folder").iterdir(), *root.glob("*.tar")]:
+        os.utime(f, (then, then))
+    rows = []
+    for source, entry in (("folder", {"instance_data_dir": str(root / "folder"), "caption_strategy": "textfile"}),
+                          ("shards", {"type": "webdataset", "shards": str(root / "*.tar")})):
+        datasets = data.load_datasets(Config(datasets=[entry]))
+        for name, world in (("first scan, 1 process", 1), ("first scan, 2 processes (gloo)", 2),
+                            ("rerun (scan cache)", 1)):
+            cache = root / f"cache-{source}-{world}" if "first" in name else root / f"cache-{source}-1"
+            print(f"{source}: {name} ...", file=sys.stderr, flush=True)
+            if world == 2:
+                torch.multiprocessing.spawn(_scan_rank, (datasets, str(root), str(cache)), nprocs=2)
+                ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+                seconds, decoded = max(r["seconds"] for r in ranks), [r["decoded"] for r in ranks]
+            else:
+                calls, real = [], data.probe
+                data.probe = lambda path, real=real, calls=calls: calls.append(1) or real(path)
+                t = time.perf_counter()
+                entries, _, _ = data.scan(datasets, str(root / "out"), 0, 1, cache)
+                seconds, decoded, data.probe = time.perf_counter() - t, [len(calls)], real
+                assert len(entries) == n
+            rows.append({"source": source, "name": name, "images": n, "seconds": seconds,
+                         "images_per_s": n / seconds, "decoded": decoded})
+    return rows
+
+
+def print_scan(report: dict) -> None:
+    rows = report["scan"]
+    print(f"| data.scan of {rows[0]['images']} 64x64 JPEGs | seconds | images/s | images decoded |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['source']}, {r['name']} | {r['seconds']:.2f} | {r['images_per_s']:.0f} | "
+              f"{' + '.join(str(d) for d in r['decoded'])} |")
+
+
+def scan_main(argv: list[str]) -> None:
+    """`python bench.py --scan [--images=10000] [--out=docs/bench/scan.json]` (scan_rows), in a temporary folder."""
+    import shutil
+
+    opts = dict(a.lstrip("-").split("=", 1) for a in argv)
+    unknown = set(opts) - {"images", "out"}
+    if unknown:
+        raise SystemExit(f"unknown option(s) {sorted(unknown)}; usage: python bench.py --scan [--images=10000] "
+                         "[--out=docs/bench/scan.json]")
+    out, root, load = opts.get("out", "docs/bench/scan.json"), Path(tempfile.mkdtemp(prefix="scan-")), os.getloadavg()
+    try:
+        rows = scan_rows(int(opts.get("images", 10000)), root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report = {"machine": f"{platform.processor() or 'CPU'} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__, "load_average_before_after": [load[0], os.getloadavg()[0]],
+              "command": " ".join(["python bench.py --scan", *argv]), "scan": rows}
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print_scan(report)
+    print(f"\nwritten to {out}")
+
+
 def main(argv: list[str]) -> None:
     args = {"only": None, "flavour": "i-medium-400m", "device": "cuda" if torch.cuda.is_available() else "cpu",
             "out": "bench.json", "attention": "sdpa", "rounds": "1"}
@@ -969,6 +1076,8 @@ def main(argv: list[str]) -> None:
         saved = json.loads(Path(argv[0].split("=", 1)[1]).read_text())
         if "losses" in saved:
             return print_quality(saved)
+        if "scan" in saved:
+            return print_scan(saved)
         if "memory" in saved:
             return print_memory_options(saved["memory"])
         return print_estimates(saved["estimates"]) if "estimates" in saved else print_table(saved)
@@ -976,6 +1085,8 @@ def main(argv: list[str]) -> None:
         return t5_int8_main(argv[1:])
     if argv and argv[0] == "--quality":  # the memory options' held-out loss on the CPU demo, against plain AdamW
         return quality_main(argv[1:])
+    if argv and argv[0] == "--scan":  # data.scan: first scans on one and two processes, a rerun from the cache
+        return scan_main(argv[1:])
     if "--smoke" in argv:  # every training mode and the sampler on tiny U-Nets, then real-size steps on a GPU
         return smoke_main([a for a in argv if a != "--smoke"])
     fake = {"--memory": ("memory", memory_option_rows, print_memory_options),  # each memory option per flavour

@@ -1,9 +1,13 @@
-"""Image folders -> IF training batches: captions, aspect buckets, progressive downsampling, crops, loader.
+"""Image folders and tar shards -> IF training batches: captions, aspect buckets, progressive downsampling, crops.
 
     python data.py CONFIG [--key=value ...]   # scan, report skips and buckets, throughput, contact sheet
 
+Where images come from: a folder (instance_data_dir), or WebDataset tar shards (type='webdataset', shards=...: KEY.jpg
++ KEY.txt + KEY.json per sample, as img2dataset writes them), whose members are read in place, by their offset.
+
 What happens to one image (sizes in pixels; `crop_box` and `load_item` are the whole story):
-  scan     decode once (JPEGs at 1/8 scale) to weed out broken files; EXIF-oriented size; captions
+  scan     decode once (JPEGs at 1/8 scale) to weed out broken files; EXIF-oriented size; captions. Remembered per
+           file (scan_cache_dir), so a rerun decodes only new or changed files; under torchrun the ranks share it
   bucket   (w, h) from crop_aspect: square | preserve (its own aspect) | closest / random (crop_aspect_buckets);
            crop_aspect shapes a crop, so (as in SimpleTuner) without `crop` every bucket has its image's own aspect;
            shorter edge = resolution (pixel) or area = resolution^2 (area); sides multiples of 8 for stage I,
@@ -22,10 +26,15 @@ train.py's grids.
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
+import tarfile
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -42,8 +51,12 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 # One dataset's keys (SimpleTuner's names) and their defaults.
 DEFAULTS = {
-    "id": None,  # name in reports (default: the folder's name)
-    "instance_data_dir": None,  # required: a folder, searched recursively for IMAGE_EXTS
+    "id": None,  # name in reports (default: the folder's name, or the name of the folder holding the shards)
+    "type": "local",  # local: an image folder (instance_data_dir) | webdataset: tar shards (shards)
+    "instance_data_dir": None,  # required for type local: a folder, searched recursively for IMAGE_EXTS
+    # required for type webdataset: uncompressed .tar files, a pattern or a list of them, with brace ranges and globs
+    # ("data/{00000..00099}.tar", "data/*.tar"); each sample is KEY.<image ext> + KEY.txt and/or KEY.json ("caption")
+    "shards": None,
     "resolution": None,  # None: 64 for stage I, 256 for stage II
     "resolution_type": "pixel",  # pixel: shorter edge; area (or pixel_area): side of the square of equal area
     "crop": False,  # True: a bucket-sized window at native scale; False: the whole image resized into its bucket
@@ -55,7 +68,9 @@ DEFAULTS = {
     "minimum_image_size": None,  # images whose edge (see resolution_type) is smaller are skipped; None: resolution
     "maximum_image_size": None,  # with crop: an image whose edge exceeds this is first brought down to...
     "target_downsample_size": None,  # ...this edge, so a crop keeps >= resolution/target of the scene
-    "caption_strategy": "filename",  # filename (stem, _ -> space) | textfile (x.txt: a caption a line) | instanceprompt
+    # filename (stem, _ -> space) | textfile (x.txt: a caption a line) | instanceprompt. For shards: filename is the
+    # sample's KEY, textfile (their default) is KEY.txt, else KEY.json's "caption"
+    "caption_strategy": "filename",
     "instance_prompt": None,  # str or list of str
     "prepend_instance_prompt": False,  # caption = f"{instance_prompt} {caption}"
     "repeats": 0,  # extra passes per epoch (SimpleTuner: 0 means each image once)
@@ -122,7 +137,8 @@ def text_cache_dir_from(cfg: Config) -> str | None:
 
 def load_datasets(cfg: Config, need_images: bool = True) -> list[dict]:
     """cfg.datasets (a list of dicts or a multidatabackend.json path) -> checked dicts with DEFAULTS filled in.
-    need_images=False accepts a missing instance_data_dir (the dry run needs only the sizes)."""
+    need_images=False accepts a missing instance_data_dir or shards that match nothing (the dry run needs only the
+    sizes)."""
     from_json = isinstance(cfg.datasets, str)
     raw = _read_backend_json(cfg.datasets) if from_json else cfg.datasets
     out = []
@@ -131,13 +147,17 @@ def load_datasets(cfg: Config, need_images: bool = True) -> list[dict]:
         if kind in ("text_embeds", "image_embeds"):
             continue  # caches, not images (text_cache_dir_from reads the text cache's place)
         name = entry.get("id", f"#{i}")
-        if kind != "image" or entry.get("type", "local") != "local":
-            raise ValueError(f"dataset {name!r}: only local image folders are supported (type 'local', dataset_type "
-                             f"'image'), got type={entry.get('type')!r}, dataset_type={kind!r}")
-        unknown = set(entry) - set(DEFAULTS) - {"type", "dataset_type", "disable", "disabled"}
+        if kind != "image" or entry.get("type", "local") not in ("local", "webdataset"):
+            raise ValueError(f"dataset {name!r}: only local image folders (type 'local') and tar shards (type "
+                             f"'webdataset') are supported, with dataset_type 'image'; got type={entry.get('type')!r}, "
+                             f"dataset_type={kind!r}")
+        unknown = set(entry) - set(DEFAULTS) - {"dataset_type", "disable", "disabled"}
         if unknown and not from_json:  # a SimpleTuner json carries keys for other trainers' features: ignored
             raise ValueError(f"dataset {name!r}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         ds = {**DEFAULTS, **{k: v for k, v in entry.items() if k in DEFAULTS}}
+        shards = ds["type"] == "webdataset"
+        if shards and "caption_strategy" not in entry:
+            ds["caption_strategy"] = "textfile"  # a shard's member names are keys (000000001): its text is the caption
         if ds["resolution_type"] == "pixel_area":
             ds["resolution_type"] = "area"  # SimpleTuner's name for what we call area
         ds["resolution"] = int(ds["resolution"] or (256 if cfg.stage == 2 else 64))
@@ -145,9 +165,16 @@ def load_datasets(cfg: Config, need_images: bool = True) -> list[dict]:
         if ds["minimum_image_size"] is None:
             ds["minimum_image_size"] = ds["resolution"]  # never upsample unless asked to
         folder = ds["instance_data_dir"]
-        if need_images and (not folder or not Path(folder).is_dir()):
+        if shards and (folder is not None or not ds["shards"]):
+            raise ValueError(f"dataset {name!r}: a type='webdataset' entry names its tar files with shards=... (e.g. "
+                             "'data/{00000..00099}.tar'), and has no instance_data_dir")
+        if not shards and ds["shards"] is not None:
+            raise ValueError(f"dataset {name!r}: shards=... needs type='webdataset' (a folder has instance_data_dir)")
+        if need_images and not shards and (not folder or not Path(folder).is_dir()):
             raise FileNotFoundError(f"dataset {name!r}: instance_data_dir {folder!r} is not a folder")
-        ds["id"] = str(ds["id"] or Path(folder or name).name)
+        ds["id"] = str(ds["id"] or (Path(_patterns(ds)[0]).parent if shards else Path(folder or name)).name or name)
+        if need_images and shards:
+            shard_paths(ds)  # raises if a name or glob matches no file
         for key, allowed in CHOICES.items():
             if ds[key] not in allowed:
                 raise ValueError(f"dataset {ds['id']!r}: {key}={ds[key]!r}; choose one of {allowed}")
@@ -161,8 +188,45 @@ def load_datasets(cfg: Config, need_images: bool = True) -> list[dict]:
                 raise ValueError(f"dataset {ds['id']!r}: {why}")
         out.append(ds)
     if not out:
-        raise ValueError("no image datasets configured: set `datasets` to a list of dicts with instance_data_dir")
+        raise ValueError("no image datasets configured: set `datasets` to a list of dicts with instance_data_dir (or "
+                         "type='webdataset' and shards)")
     return out
+
+
+def _patterns(ds: dict) -> list[str]:
+    return [ds["shards"]] if isinstance(ds["shards"], str) else [str(p) for p in ds["shards"]]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'d/{000..002}.tar' -> ['d/000.tar', 'd/001.tar', 'd/002.tar']: a numeric range keeps its first number's width
+    (zero padding, as webdataset and img2dataset name shards); '{a,b}' lists alternatives; left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    if r := re.fullmatch(r"(\d+)\.\.(\d+)", m[1]):
+        items = [str(k).zfill(len(r[1])) for k in range(int(r[1]), int(r[2]) + 1)]
+    elif "," in m[1]:
+        items = m[1].split(",")
+    else:
+        raise ValueError(f"shards {pattern!r}: cannot expand {m[0]}; write a range {{00000..00099}} or a list {{a,b}}")
+    return [x for item in items for x in expand_braces(pattern[: m.start()] + item + pattern[m.end() :])]
+
+
+def shard_paths(ds: dict) -> list[str]:
+    """The tar files of a webdataset entry, in the order its `shards` names them: brace ranges expanded, then globs
+    (*, ?, [...]) matched, each glob's matches sorted. A plain name must exist and a glob must match something: a
+    typo in a range is an error, not a quietly smaller dataset."""
+    out, missing = [], []
+    for name in (n for pattern in _patterns(ds) for n in expand_braces(pattern)):
+        found = sorted(glob.glob(name, recursive=True)) if re.search(r"[*?[]", name) else [name] * os.path.isfile(name)
+        out += found
+        missing += [] if found else [name]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset {ds['id']!r}: shards {ds['shards']!r}: {len(missing)} name(s) match no file "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; relative to {os.getcwd()}). Fix the path "
+            "or the range, or use a glob such as 'data/*.tar' to take whatever shards exist.")
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,32 +237,58 @@ def list_images(ds: dict) -> list[Path]:
     return sorted(p for p in Path(ds["instance_data_dir"]).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-def captions_for(path: Path, ds: dict) -> list[str] | str:
-    """Every caption `path` can train with (one is picked per use), or the reason it has none."""
+def _lines(text: str | None) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def captions_for(path, ds: dict, text: list[str] | str | None = None) -> list[str] | str:
+    """Every caption `path` can train with (one is picked per use), or the reason it has none. `text`: a tar member's
+    captions (member_text) or why it has none; a file's come from its same-named .txt, read only if needed."""
     prompts = ds["instance_prompt"]
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if ds["caption_strategy"] == "instanceprompt":
         return prompts
     if ds["caption_strategy"] == "filename":
-        caps = [" ".join(path.stem.replace("_", " ").split())]
+        caps = [" ".join(Path(path).stem.replace("_", " ").split())]
+    elif text is not None:
+        caps = text
     else:
-        txt = path.with_suffix(".txt")
+        txt = Path(path).with_suffix(".txt")
         if not txt.is_file():
             return f"no caption: {txt.name} is missing"
-        caps = [line.strip() for line in txt.read_text(errors="replace").splitlines() if line.strip()]
-        if not caps:
-            return f"no caption: {txt.name} is empty"
+        caps = _lines(txt.read_text(errors="replace")) or f"no caption: {txt.name} is empty"
+    if isinstance(caps, str):
+        return caps
     return [f"{p} {c}" for p in prompts for c in caps] if ds["prepend_instance_prompt"] else caps
+
+
+def member_text(row: dict) -> list[str] | str:
+    """A shard sample's captions: its KEY.txt, a caption a line as in a folder; else its KEY.json's "caption" (one
+    caption, as img2dataset writes it); or why it has none."""
+    key = row["name"].rsplit(".", 1)[0]
+    if _lines(row["txt"]):
+        return _lines(row["txt"])
+    if isinstance(row["caption"], str) and row["caption"].strip():
+        return [row["caption"].strip()]
+    return f"no caption: no text in {key}.txt or in {key}.json's 'caption'"
 
 
 def all_captions(cfg: Config) -> list[str]:
     """Every caption the loader can produce, deduplicated, in a stable order (for prebuilding the T5 cache).
-    Read without decoding images, so it also holds the captions of images the loader will reject."""
+    Read without decoding images, so it also holds the captions of images the loader will reject. A shard's
+    captions come from the scan cache when it is up to date, else from the shard's caption members."""
     seen: dict[str, None] = {}
     for ds in load_datasets(cfg):
-        for path in list_images(ds):
-            caps = captions_for(path, ds)
-            seen.update(dict.fromkeys(caps if isinstance(caps, list) else []))
+        if ds["type"] == "webdataset":
+            cached, rows = _read_cache(_cache_file(scan_cache_dir(cfg), ds)), []
+            for shard in shard_paths(ds):
+                members = (_fresh(cached, shard) or {"members": index_shard(shard)})["members"]
+                rows += members if isinstance(members, list) else []  # else: the shard is unreadable
+            caps = [captions_for(row["name"], ds, member_text(row)) for row in rows]
+        else:
+            caps = [captions_for(path, ds) for path in list_images(ds)]
+        for c in caps:
+            seen.update(dict.fromkeys(c if isinstance(c, list) else []))
     return list(seen)
 
 
@@ -206,8 +296,27 @@ def all_captions(cfg: Config) -> list[str]:
 # decoding and resizing
 
 
+# A tar member as an image's path: "SHARD::OFFSET::SIZE::NAME", its bytes being SIZE bytes at OFFSET in the SHARD file
+# (tarfile's offset_data and size), so it is read with one seek, never extracted. NAME is the member's name in the tar.
+MEMBER = re.compile(r"(.+?)::(\d+)::(\d+)::(.+)")
+
+
+def member_path(shard: str, row: dict) -> str:
+    return f"{shard}::{row['offset']}::{row['size']}::{row['name']}"
+
+
+def _member(path) -> tuple[str, int, int] | None:
+    """(shard, offset, size) of a member_path, None for a file's path."""
+    m = MEMBER.fullmatch(path) if isinstance(path, str) else None
+    return (m[1], int(m[2]), int(m[3])) if m else None
+
+
 def open_image(path) -> Image.Image:
-    """Image.open (header only) with the decompression-bomb guard applied explicitly."""
+    """Image.open (header only) of a file or a member_path, with the decompression-bomb guard applied explicitly."""
+    if member := _member(path):
+        with open(member[0], "rb") as f:
+            f.seek(member[1])
+            path = io.BytesIO(f.read(member[2]))  # short if the shard is truncated: then decoding fails
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we raise our own error below
         img = Image.open(path)
@@ -227,9 +336,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def probe(path) -> tuple[int, int] | str:
-    """EXIF-oriented (w, h) of a decodable image, or why it is skipped. Decodes it whole (JPEGs at 1/8 scale:
-    libjpeg still reads every byte, so truncation is still caught) to catch what a header does not show."""
-    if os.path.getsize(path) == 0:
+    """EXIF-oriented (w, h) of a decodable image (a file or a member_path), or why it is skipped. Decodes it whole
+    (JPEGs at 1/8 scale: libjpeg still reads every byte, so truncation is still caught) to catch what a header does
+    not show."""
+    member = _member(path)
+    if (member[2] if member else os.path.getsize(path)) == 0:
         return "empty file"
     try:
         with open_image(path) as img:
@@ -377,40 +488,205 @@ def crop_box(size, bucket, ds: dict, rng: random.Random) -> tuple[float, float, 
 # scanning, items, batches
 
 
-def scan(datasets: list[dict], output_dir: str, main_process=True) -> tuple[list, list, list]:
-    """Find, probe and caption every image. Returns entries (path, w, h, captions, dataset index), the skipped
-    (path, reason) list (the main process writes it to output_dir/skipped.txt) and a per-dataset report."""
+# The scan cache: one JSON file per dataset source in scan_cache_dir, {"version", "source", "files": {absolute path:
+# record}}. A record is {"size", "mtime_ns", "probe"} for an image file (probe: [w, h] or why it is skipped), and
+# {"size", "mtime_ns", "members"} for a shard, members being its image members {"name", "offset", "size", "probe",
+# "txt", "caption"} (the raw text of KEY.txt and KEY.json's "caption", or null) or why the shard is unreadable.
+SCAN_CACHE_VERSION = 1
+# A file modified less than this before a scan began is probed again by the next one, not trusted to its cached
+# record: a rewrite of the same size within the filesystem's timestamp granularity (2 s on FAT) keeps its mtime.
+RACY_NS = 2 * 10**9
+
+
+def scan_cache_dir(cfg: Config) -> Path:
+    """scan/ in the text cache's folder (t5cache.default_cache_dir): every rank reads that folder already, and runs
+    on the same images share it whatever their output_dir (the records are facts about files, not about a run)."""
+    import t5cache  # which folder is the text cache is t5cache's to say
+
+    return Path(t5cache.default_cache_dir(cfg)) / "scan"
+
+
+def _source(ds: dict) -> str:
+    return os.path.abspath(ds["instance_data_dir"]) if ds["type"] == "local" else \
+        json.dumps([os.path.abspath(p) for p in _patterns(ds)])
+
+
+def _cache_file(cache_dir, ds: dict) -> Path:
+    return Path(cache_dir) / f"{hashlib.sha1(_source(ds).encode()).hexdigest()[:16]}.json"
+
+
+def _read_cache(file: Path) -> dict:
+    """{absolute path: record} from a scan cache file; {} if there is none, or an unreadable or older one."""
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved["files"] if isinstance(saved, dict) and saved.get("version") == SCAN_CACHE_VERSION else {}
+
+
+def _write_cache(file: Path, ds: dict, files: dict) -> None:
+    """Atomically (a temporary file, then os.replace): a reader, or a crash, never meets half a file."""
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": SCAN_CACHE_VERSION, "source": _source(ds), "files": files}))
+        os.replace(tmp, file)
+    except OSError as e:
+        print(f"warning: could not write the scan cache {file} ({e}): the next run scans these images again")
+
+
+def _stamp(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _fresh(cached: dict, path, stamp=None) -> dict | None:
+    """path's cached record if the file has the size and mtime it had then, else None."""
+    rec = cached.get(os.path.abspath(path))
+    return rec if rec and (rec["size"], rec["mtime_ns"]) == (stamp or _stamp(path)) else None
+
+
+def index_shard(path) -> list[dict] | str:
+    """A tar shard's image members, in the tar's order, as scan records (probe still None), or why it is unreadable.
+    Samples follow WebDataset's rule: a member's KEY is its name up to the first dot of its last part, and the
+    members of one KEY are one sample; a sample's first member whose extension is in IMAGE_EXTS is its image. Reads
+    headers and the small .txt/.json members only (tarfile seeks over the rest)."""
+    def text(tar, info):
+        return tar.extractfile(info).read().decode("utf-8", "replace") if info else None
+
+    try:
+        with tarfile.open(path, "r:") as tar:  # "r:": uncompressed only, since members are read by offset
+            samples = {}  # KEY -> {extension: TarInfo}
+            for info in tar:
+                folder, _, name = info.name.rpartition("/")
+                stem, dot, ext = name.partition(".")
+                if info.isfile() and dot:
+                    samples.setdefault(f"{folder}/{stem}", {}).setdefault(ext.lower(), info)
+            rows = []
+            for parts in samples.values():
+                image = next((info for ext, info in parts.items() if f".{ext}" in IMAGE_EXTS), None)
+                if image is None:
+                    continue
+                try:
+                    caption = json.loads(text(tar, parts.get("json")) or "{}").get("caption")
+                except (ValueError, AttributeError):  # not JSON, or not an object
+                    caption = None
+                rows.append({"name": image.name, "offset": image.offset_data, "size": image.size, "probe": None,
+                             "txt": text(tar, parts.get("txt")), "caption": caption})
+            return rows
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return f"not a tar: {type(e).__name__}: {e} (shards must be uncompressed .tar files)"
+
+
+def _images(path: str, rec: dict) -> list[tuple[str, str, dict]]:
+    """(path for open_image, name for people, the dict holding its probe) of each image a scan record holds."""
+    if "members" not in rec:
+        return [(path, path, rec)]
+    if isinstance(rec["members"], str):
+        return []
+    return [(member_path(path, m), f"{path}/{m['name']}", m) for m in rec["members"]]
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _shared(fn, todo: list, rank: int, world_size: int, desc: str) -> dict:
+    """{x: fn(x) for x in todo}, on a thread pool (PIL decodes without holding the GIL). With a process group up,
+    rank r computes todo[r::world_size] and the ranks swap results (all_gather_object), so every rank must call this;
+    what another rank's view left out (a file it does not list) a rank computes itself."""
     from tqdm import tqdm
 
+    mine = todo[rank::world_size] if _distributed(world_size) else todo
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        out = dict(zip(mine, tqdm(pool.map(fn, mine), total=len(mine), desc=desc,
+                                  disable=rank != 0 or len(mine) < 500)))
+    if _distributed(world_size):
+        parts = [None] * world_size
+        torch.distributed.all_gather_object(parts, out)
+        for part in parts:
+            out.update(part)
+        out.update({x: fn(x) for x in todo if x not in out})
+    return out
+
+
+def scan(datasets: list[dict], output_dir: str, rank=0, world_size=1, cache_dir=None) -> tuple[list, list, list]:
+    """Find, probe and caption every image. Returns entries (path, w, h, captions, dataset index), the skipped
+    (path, reason) list (rank 0 writes it to output_dir/skipped.txt) and a per-dataset report. A tar member's path
+    is a member_path; in skipped.txt it is SHARD/NAME.
+
+    cache_dir (the Loader passes scan_cache_dir; None: no cache) keeps, per file, keyed by its path, size and
+    mtime_ns, what decoding told: its EXIF-oriented size or why it is unusable, and a shard's index (each image
+    member's offset, size and probe, its KEY.txt and KEY.json caption). Only facts about files are kept: captions
+    (caption_strategy, instance_prompt...) and minimum_image_size are applied anew each run, from the files' .txt
+    or the cached text, so a changed option never meets a stale result, and runs with other options share the
+    cache. A rerun decodes only new or changed files (and shards), and deleted ones drop out of the cache. Under
+    torchrun (a process group up, world_size > 1) each rank indexes and probes its share of what is new and the
+    ranks merge the results, so every rank returns the same entries in the same order; rank 0 writes the cache."""
+    start, cached, files = time.time_ns(), [], []
+    for ds in datasets:
+        cached.append(_read_cache(_cache_file(cache_dir, ds)) if cache_dir else {})
+        files.append(shard_paths(ds) if ds["type"] == "webdataset" else [str(p) for p in list_images(ds)])
+    stamps = {p: _stamp(p) for paths in files for p in paths}
+    records = [{p: _fresh(c, p, stamps[p]) for p in paths} for c, paths in zip(cached, files)]  # None: new or changed
+    new_shards = [p for ds, recs in zip(datasets, records) if ds["type"] == "webdataset" for p, r in recs.items()
+                  if r is None]
+    index = _shared(index_shard, list(dict.fromkeys(new_shards)), rank, world_size, "index shards")
+    for ds, recs in zip(datasets, records):
+        for p, rec in recs.items():
+            size, mtime = stamps[p]
+            recs[p] = rec or {"size": size, "mtime_ns": mtime,
+                              **({"members": index[p]} if ds["type"] == "webdataset" else {"probe": None})}
+    todo = [ref for recs in records for p, rec in recs.items() for ref, _, slot in _images(p, rec)
+            if slot["probe"] is None]
+    probed = _shared(probe, list(dict.fromkeys(todo)), rank, world_size, "scan")
+
     entries, skipped, report = [], [], []
-    for d, ds in enumerate(datasets):
-        files = list_images(ds)
-        caps = [captions_for(p, ds) for p in files]
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without holding the GIL
-            sizes = list(tqdm(pool.map(probe, files), total=len(files), desc=f"scan {ds['id']}",
-                              disable=not main_process or len(files) < 500))
-        reasons = Counter()
-        for path, cap, size in zip(files, caps, sizes):
-            reason = size if isinstance(size, str) else cap if isinstance(cap, str) else None
-            if reason is None and _edge(*size, ds) < ds["minimum_image_size"]:
-                reason = f"too small: {size[0]}x{size[1]} < minimum_image_size={ds['minimum_image_size']}"
-            if reason:
-                skipped.append((str(path), reason))
-                reasons[reason.split(":")[0]] += 1
-            else:
-                entries.append((str(path), *size, cap, d))
-        report.append({"id": ds["id"], "found": len(files), "used": len(files) - sum(reasons.values()),
-                       "skipped": dict(reasons)})
+    for d, (ds, recs) in enumerate(zip(datasets, records)):
+        reasons, found = Counter(), 0
+        for p, rec in recs.items():
+            if isinstance(rec.get("members"), str):  # an unreadable shard counts as one skipped file
+                found += 1
+                skipped.append((p, rec["members"]))
+                reasons[rec["members"].split(":")[0]] += 1
+            for ref, name, slot in _images(p, rec):
+                found += 1
+                if slot["probe"] is None:
+                    slot["probe"] = probed[ref]
+                size = slot["probe"]
+                cap = captions_for(slot["name"], ds, member_text(slot)) if "members" in rec else captions_for(p, ds)
+                reason = size if isinstance(size, str) else cap if isinstance(cap, str) else None
+                if reason is None and _edge(*size, ds) < ds["minimum_image_size"]:
+                    reason = f"too small: {size[0]}x{size[1]} < minimum_image_size={ds['minimum_image_size']}"
+                if reason:
+                    skipped.append((name, reason))
+                    reasons[reason.split(":")[0]] += 1
+                else:
+                    entries.append((ref, *size, cap, d))
+        report.append({"id": ds["id"], "found": found, "used": found - sum(reasons.values()), "skipped": dict(reasons),
+                       **({"shards": len(recs)} if ds["type"] == "webdataset" else {})})
     out = Path(output_dir) / "skipped.txt"
-    if main_process:
+    if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+        for ds, recs, old in zip(datasets, records, cached) if cache_dir else ():
+            keep = {os.path.abspath(p): rec for p, rec in recs.items() if rec["mtime_ns"] < start - RACY_NS}
+            if keep != old:  # a rerun that found nothing new leaves the file as it was
+                _write_cache(_cache_file(cache_dir, ds), ds, keep)
+    if _distributed(world_size):
+        digests = [None] * world_size
+        torch.distributed.all_gather_object(digests, hashlib.sha1(json.dumps(entries).encode()).hexdigest())
+        if len(set(digests)) > 1:
+            raise RuntimeError("the ranks found different images in the same datasets: every process must see the "
+                               "same files (shared storage, or identical copies at the same paths)")
     for ds, r in zip(datasets, report):
         if r["used"] == 0:
             why = f"all {r['found']} skipped ({r['skipped']}), see {out}" if r["found"] else "none found"
-            raise ValueError(f"dataset {ds['id']!r} has no usable images under {ds['instance_data_dir']}: {why}. "
-                             "Fix or replace those files, or lower minimum_image_size, or check caption_strategy "
-                             f"and instance_data_dir (searched recursively for {sorted(IMAGE_EXTS)}).")
+            where = ds["instance_data_dir"] if ds["type"] == "local" else f"shards {ds['shards']!r}"
+            look = f"instance_data_dir (searched recursively for {sorted(IMAGE_EXTS)})" if ds["type"] == "local" else \
+                "shards (uncompressed tars of KEY.jpg/.png/.webp with KEY.txt or KEY.json, as img2dataset writes)"
+            raise ValueError(f"dataset {ds['id']!r} has no usable images under {where}: {why}. Fix or replace those "
+                             f"files, or lower minimum_image_size, or check caption_strategy and {look}.")
     return entries, skipped, report
 
 
@@ -460,7 +736,7 @@ class Loader:
         self.seed, self.rank, self.batch_size, self.world = cfg.seed, rank, cfg.train_batch_size, world_size
         self.num_workers = cfg.dataloader_num_workers
         self.datasets = load_datasets(cfg)
-        entries, self.skipped, self.report = scan(self.datasets, cfg.output_dir, rank == 0)
+        entries, self.skipped, self.report = scan(self.datasets, cfg.output_dir, rank, world_size, scan_cache_dir(cfg))
         self.items = Items(entries, self.datasets, cfg.stage)
         self.multiple, self.max_aspect = BUCKET_MULTIPLE[cfg.stage], cfg.max_aspect_ratio
         # Validation pictures: one seeded order of every usable image (the same for any rank and world size), those
@@ -662,7 +938,8 @@ def main(cfg: Config) -> Path:
     """Report the datasets, measure throughput, write the contact sheet; -> its path."""
     loader = make_loader(cfg)
     for r in loader.report:
-        print(f"  {r['id']}: found {r['found']}, used {r['used']}, skipped {r['skipped'] or 'none'}")
+        shards = f" in {r['shards']} shards" if "shards" in r else ""
+        print(f"  {r['id']}: found {r['found']}{shards}, used {r['used']}, skipped {r['skipped'] or 'none'}")
     for path, reason in loader.skipped[:10]:
         print(f"    {path}\t{reason}")
     print("buckets (samples per epoch):", ", ".join(f"{k}: {n}" for k, n in loader.buckets.items()))

@@ -1,12 +1,17 @@
-"""data.py: sizes, buckets, decoding, captions, the resumable DDP-aware sampler, stage II pairs, labelled grids."""
+"""data.py: sizes, buckets, decoding, captions, the scan cache, the resumable DDP-aware sampler, stage II pairs,
+labelled grids. (Tar shards: tests/test_shards.py.)"""
 
 import io
 import json
+import os
 import random
 import struct
+import tarfile
+import time
 import zlib
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +41,35 @@ def folder(tmp_path, name, sizes, fmt="png", captions=None):
 
 def cfg_for(tmp_path, datasets, **kw):
     return Config(datasets=datasets, output_dir=str(tmp_path / "out"), dataloader_num_workers=0, **kw)
+
+
+def encoded(img, fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_shard(path, samples: dict) -> Path:
+    """A tar in img2dataset's layout: for each KEY its members {extension: bytes, str (text) or dict (JSON)}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, body in members.items():
+                body = json.dumps(body).encode() if isinstance(body, dict) else body
+                body = body.encode() if isinstance(body, str) else body
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(body), 1_700_000_000
+                tar.addfile(info, io.BytesIO(body))
+    return path
+
+
+def age(*roots):
+    """Date every file under `roots` an hour back: the scan cache keeps no record of a file modified just before
+    (data.RACY_NS), so tests that expect a rerun to decode nothing need files older than that."""
+    then = time.time() - 3600
+    for root in roots:
+        for f in [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file()]:
+            os.utime(f, (then, then))
 
 
 def uint8(x):  # [-1, 1] tensor (3, H, W) -> PIL image
@@ -208,6 +242,127 @@ def test_all_broken_is_a_clear_error(tmp_path):
         data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(tmp_path / "missing")}]))
     with pytest.raises(ValueError, match="unknown keys"):
         data.make_loader(cfg_for(tmp_path, [{"instance_data_dir": str(d), "resoluton": 64}]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan cache
+
+
+def counting(monkeypatch, name="probe") -> list:
+    """Every argument data.<name> (probe or index_shard) is called with, from now on."""
+    calls, real = [], getattr(data, name)
+    monkeypatch.setattr(data, name, lambda path: calls.append(str(path)) or real(path))
+    return calls
+
+
+def test_scan_cache_decodes_only_new_or_changed_files(tmp_path, monkeypatch):
+    d = folder(tmp_path, "a", [(64, 64), (96, 64), (80, 120), (200, 64), (40, 40)], captions=["one", "two\nthree",
+                                                                                                "four", "", "five"])
+    (d / "broken.jpg").write_text("not a jpeg")
+    age(d)
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d), "caption_strategy": "textfile"}])
+    cache, out = tmp_path / "cache", str(tmp_path / "out")
+
+    def scan(cache_dir=cache):
+        return data.scan(data.load_datasets(cfg), out, cache_dir=cache_dir)
+
+    probed = counting(monkeypatch)
+    uncached = scan(None)
+    assert len(probed) == 6
+    probed.clear()
+    assert scan() == uncached and len(probed) == 6  # the first scan with a cache decodes everything...
+    probed.clear()
+    assert scan() == uncached and probed == []  # ...a rerun nothing, and returns the very same
+    (cache_file,) = cache.glob("*.json")
+    saved = json.loads(cache_file.read_text())
+    assert saved["version"] == data.SCAN_CACHE_VERSION and saved["source"] == str(d)
+    assert saved["files"][str(d / "a_1.png")]["probe"] == [96, 64]
+    assert saved["files"][str(d / "broken.jpg")]["probe"] == "not an image"
+
+    noise(72, 64, seed=7).save(d / "a_0.png")  # changed (its size on disk too), and a new file
+    os.utime(d / "a_2.png")  # touched only: same bytes, new mtime
+    noise(64, 64).save(d / "new.png")
+    (d / "new.txt").write_text("six")
+    (d / "a_1.png").unlink()  # deleted
+    age(d / "a_0.png", d / "new.png")  # a_2.png stays "just modified": probed now, and again next time
+    probed.clear()
+    again = scan()
+    assert sorted(Path(p).name for p in probed) == ["a_0.png", "a_2.png", "new.png"]
+    assert again == scan(None)
+    entries = {Path(e[0]).name: e[1:3] for e in again[0]}
+    assert entries["a_0.png"] == (72, 64) and "a_1.png" not in entries and entries["new.png"] == (64, 64)
+    saved = json.loads(cache_file.read_text())["files"]
+    assert str(d / "a_1.png") not in saved and str(d / "a_2.png") not in saved and str(d / "new.png") in saved
+    probed.clear()
+    scan()
+    assert [Path(p).name for p in probed] == ["a_2.png"]  # modified just before the last scan: not trusted yet
+
+    # the cache holds what decoding told, not captions or verdicts: other options never meet stale results
+    for ds in ({"caption_strategy": "instanceprompt", "instance_prompt": "a dog"}, {"minimum_image_size": 80},
+               {"caption_strategy": "filename", "prepend_instance_prompt": True, "instance_prompt": "sks"}):
+        cfg.datasets = [{"instance_data_dir": str(d), **ds}]
+        probed.clear()
+        got = scan()
+        assert [Path(p).name for p in probed] == ["a_2.png"]  # only the file modified just before the last scan
+        assert got == scan(None)
+    assert {e[3][0] for e in got[0]} == {"sks a 0", "sks a 2", "sks a 3", "sks new"}  # a_4 is too small
+
+    cache_file.write_text("{not json")  # an unreadable cache is rebuilt, not an error
+    probed.clear()
+    assert scan() == scan(None)
+    assert len(probed) == 2 * 6
+
+
+def test_loader_keeps_its_scan_in_the_text_cache_folder(tmp_path, monkeypatch):
+    d = folder(tmp_path, "a", SIZES)
+    age(d)
+    cfg = cfg_for(tmp_path, [{"instance_data_dir": str(d)}], train_batch_size=2, text_cache_dir=str(tmp_path / "t5"))
+    first = data.make_loader(cfg)
+    assert data.scan_cache_dir(cfg) == tmp_path / "t5" / "scan" and len(list((tmp_path / "t5" / "scan").glob("*"))) == 1
+    probed = counting(monkeypatch)
+    cfg.output_dir = str(tmp_path / "another_run")  # another run on the same images reads the same records
+    second = data.make_loader(cfg)
+    assert probed == [] and second.items.entries == first.items.entries
+    _same(list(first), list(second))
+
+
+def _scan_rank(rank, datasets, out, cache_dir, root):
+    """One of two gloo processes (torch.multiprocessing.spawn): scan, and write what it decoded and found."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    calls = {"probe": [], "index_shard": []}
+    for name, seen in calls.items():
+        real = getattr(data, name)
+        setattr(data, name, lambda path, real=real, seen=seen: seen.append(path) or real(path))
+    entries, skipped, report = data.scan(datasets, out, rank, 2, cache_dir)
+    Path(root, f"rank{rank}.json").write_text(json.dumps({"entries": entries, "skipped": skipped, **calls}))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_share_the_scan(tmp_path, monkeypatch):
+    """Each rank decodes its half of the new images (folder files and shard members) and indexes half the shards;
+    both end with the same entries, in the same order, as one process scanning alone; the rerun decodes nothing."""
+    d = folder(tmp_path, "a", [(64, 64), (96, 64), (80, 120), (70, 70), (100, 64), (64, 90), (40, 40)])
+    for s in range(2):
+        write_shard(tmp_path / "shards" / f"{s:05d}.tar", {f"{s}{k:03d}": {"jpg": encoded(noise(64 + 8 * k, 64, k)),
+                                                                             "txt": f"shard {s} image {k}"}
+                                                           for k in range(3)})
+    age(d, tmp_path / "shards")
+    shards = {"type": "webdataset", "shards": str(tmp_path / "shards" / "{00000..00001}.tar")}
+    datasets = data.load_datasets(cfg_for(tmp_path, [{"instance_data_dir": str(d)}, shards]))
+    alone = data.scan(datasets, str(tmp_path / "alone"))
+    torch.multiprocessing.spawn(_scan_rank, (datasets, str(tmp_path / "out"), str(tmp_path / "cache"), str(tmp_path)),
+                                nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    everything = [e[0] for e in alone[0]] + [p for p, _ in alone[1]]
+    assert len(everything) == 7 + 6
+    for kind, total in (("probe", everything), ("index_shard", ["00000.tar", "00001.tar"])):
+        mine = [set(r[kind]) for r in ranks]
+        assert not mine[0] & mine[1] and abs(len(mine[0]) - len(mine[1])) <= 1  # halves, no file twice
+        assert {Path(p.split("::")[0]).name if kind == "index_shard" else p for p in mine[0] | mine[1]} == set(total)
+    for r in ranks:
+        assert r["entries"] == json.loads(json.dumps(alone[0])) and r["skipped"] == json.loads(json.dumps(alone[1]))
+    probed = counting(monkeypatch)
+    assert data.scan(datasets, str(tmp_path / "out"), cache_dir=tmp_path / "cache") == alone and probed == []
 
 
 # ---------------------------------------------------------------------------------------------
