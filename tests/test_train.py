@@ -392,6 +392,26 @@ def test_two_gloo_processes_equal_one(kind, project, tmp_path):
     assert moved < 1e-5, moved
 
 
+def test_two_nodes_of_one_process_equal_one_process(project, tmp_path):
+    """torchrun across machines, as two "nodes" of one process each on this one (c10d rendezvous on localhost): the
+    weights equal one process with the same global batch, within the bound of test_two_gloo_processes_equal_one."""
+    cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100, adam_epsilon=1e-3)
+    path = write_config(cfg, tmp_path / "c.py")
+    one = run(path, f"--output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    endpoint = f"localhost:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                               "--rdzv_id=two-nodes", str(ROOT / "train.py"), path, f"--output_dir={tmp_path / 'two'}",
+                               "--train_batch_size=2"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "on 2 x cpu" in outputs[0][0] + outputs[1][0]  # one process group of two ranks, not two runs
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
 DRIVER = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
