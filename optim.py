@@ -23,11 +23,20 @@ The update is the same for all of them (Loshchilov & Hutter 2019, Algorithm 2, w
     w = w (1 - lr wd) - lr/(1 - b1^t) * m / (sqrt(v/(1 - b2^t)) + eps)
 computed in fp32 a piece at a time; bf16 weights are written back with stochastic rounding, or, with
 `fp32_master`, from fp32 copies kept here.
+
+Sharded (FSDP2, `torch.distributed.fsdp.fully_shard`): when the parameters are DTensors, each process steps its own
+shards with the same update. The weights stay where FSDP keeps them (each parameter's local shard, the storage its
+next all-gather reads); the states are flat buffers over the local shards; grad_norm() sums the squared norms over
+the processes, so every process clips alike; param_state_dict() gives the states as DTensors placed like the
+parameters, for torch.distributed.checkpoint to save and to reshard onto another number of processes. The fused
+step works sharded too: FSDP2 runs each sharded parameter's post-accumulate-grad hooks once its gradient is
+reduce-scattered. What cannot be sharded is refused: the factored second moment (AdamW says why).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -106,7 +115,52 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a flat tensor in fp32, CHUNK values at a time: one vector_norm(dtype=fp32) of a bf16 tensor
     makes a whole fp32 copy of it on the CPU (17 GB for IF-I-XL's gradient)."""
     parts = [torch.linalg.vector_norm(x[i : i + CHUNK], dtype=torch.float32) for i in range(0, x.numel(), CHUNK)]
-    return torch.linalg.vector_norm(torch.stack(parts))
+    return torch.linalg.vector_norm(torch.stack(parts)) if parts else torch.zeros((), device=x.device)  # an empty shard
+
+
+def _fp32(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x in fp32, zero-padded to n values: x itself if it is fp32 and n long (updating it in place is the update)."""
+    if x.numel() == n:
+        return x.float()
+    out = torch.zeros(n, dtype=torch.float32, device=x.device)
+    out[: x.numel()].copy_(x)
+    return out
+
+
+def _is_dtensor(t) -> bool:
+    """Only once torch.distributed.tensor is imported (fully_shard imports it) can a tensor be a DTensor: not
+    importing it here keeps half a second off the start of every process that imports this module."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(t):
+    """A DTensor's tensor on this process (for FSDP's parameters: a view of the shard it all-gathers from), else t."""
+    with torch.no_grad():  # with grad enabled, to_local() is an autograd op that returns a new view
+        return t.to_local() if _is_dtensor(t) else t
+
+
+def _sharding(params: list) -> tuple:
+    """(device mesh, placements) of parameters that are DTensors - sharded by FSDP2's fully_shard - else (None, None).
+
+    Refused: a mix of DTensors and plain tensors (one step cannot be both), parameters sharded in different ways
+    (one grad_norm() reduction serves them all), and partial placements (a weight is never a partial sum)."""
+    kinds = {_is_dtensor(p) for p in params}
+    if kinds == {False}:
+        return None, None
+    if len(kinds) > 1:
+        raise ValueError("some trainable parameters are DTensors and some are plain tensors: fully_shard the root "
+                         "module too (fully_shard(model) after its submodules), so that every parameter is sharded")
+    layouts = {(p.device_mesh, tuple(p.placements)) for p in params}
+    if len(layouts) > 1:
+        raise ValueError(f"the parameters are sharded {len(layouts)} different ways (device meshes or placements): "
+                         "give each AdamW parameters that are sharded alike")
+    mesh, placements = layouts.pop()
+    if not all(pl.is_shard() or pl.is_replicate() for pl in placements):
+        raise ValueError(f"parameters placed {placements}: AdamW steps shards or replicas of weights, not partial sums")
+    if not all(_local(p).is_contiguous() for p in params):
+        raise ValueError("a parameter's local shard is not contiguous: AdamW reads and writes shards as flat tensors")
+    return mesh, placements
 
 
 def _factorable(p: torch.Tensor) -> bool:
@@ -118,7 +172,13 @@ class AdamW:
 
     The parameters become views into one flat buffer (each starting on a BLOCK boundary, keeping its memory layout:
     channels_last conv weights stay channels_last), so the unfused step is a handful of large kernels over chunks of
-    it instead of ~20 small kernels per tensor. Unfused, the gradients are views of a second flat buffer."""
+    it instead of ~20 small kernels per tensor. Unfused, the gradients are views of a second flat buffer.
+
+    Sharded parameters (DTensors) are not moved: FSDP all-gathers each from its own storage, and its gradient arrives
+    there too (reduce-scattered, averaged over the processes). The states keep the flat layout, laid out over the
+    local shards, and each parameter steps on its own (a few kernels per parameter, as the fused step does). Each
+    process draws stochastic rounding's noise from its own `generator` for its own shards: nothing needs the draws
+    to agree across processes, but resuming exactly needs each process's generator state, not one for all."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, fp32_master=False,
                  generator=None, state="bf16", factored=False, fused=False, clip=None):
@@ -127,18 +187,30 @@ class AdamW:
         if len(dtypes) != 1:
             raise ValueError(f"all trainable parameters must share one dtype, got {dtypes}")
         p0 = self.params[0]
+        self.device, self.dtype = p0.device, p0.dtype
+        self.mesh, self.placements = _sharding(self.params)
+        self.sharded = self.mesh is not None
+        if self.sharded and factored:
+            raise ValueError("factored=True (factored_second_moment) keeps a matrix's second moment as the means of "
+                             "its rows and of its columns, and FSDP spreads each matrix's rows over the processes, so "
+                             "no process could form a column's mean: use state='8bit' (optimizer_state='8bit') to "
+                             "shrink the moments instead, or train unsharded")
         self.offsets, n = [], 0
         for p in self.params:
             self.offsets.append(n)
-            n += -(-p.numel() // BLOCK) * BLOCK
-        # Copied in one by one, so each old tensor is freed as soon as it is copied: the weights never exist twice
-        # over (8 GiB more at IF-I-XL size). The padding between parameters stays zero (zero gradient, zero update).
-        self.flat = torch.zeros(n, dtype=p0.dtype, device=p0.device)
-        for p, offset in zip(self.params, self.offsets):
-            self.flat[offset : offset + p.numel()].copy_(p.detach().as_strided((p.numel(),), (1,)))  # memory order
-            p.data = self.flat.as_strided(p.shape, p.stride(), offset)
-        self.rounded = self.flat.dtype == torch.bfloat16 and not fp32_master
-        self.master = self.flat.float() if self.flat.dtype != torch.float32 and fp32_master else None
+            n += -(-_local(p).numel() // BLOCK) * BLOCK
+        self.size = n  # of the flat layout; the padding between parameters stays zero (zero gradient, zero update)
+        if self.sharded:  # the weights stay in FSDP's shards, which each step reads and writes in place
+            self.flat = None
+        else:
+            # Copied in one by one, so each old tensor is freed as soon as it is copied: the weights never exist twice
+            # over (8 GiB more at IF-I-XL size).
+            self.flat = torch.zeros(n, dtype=p0.dtype, device=p0.device)
+            for p, offset in zip(self.params, self.offsets):
+                self.flat[offset : offset + p.numel()].copy_(p.detach().as_strided((p.numel(),), (1,)))  # memory order
+                p.data = self.flat.as_strided(p.shape, p.stride(), offset)
+        self.rounded = p0.dtype == torch.bfloat16 and not fp32_master
+        self.master = self.weights(torch.float32) if p0.dtype != torch.float32 and fp32_master else None
         if state == "bf16" and not self.rounded:  # fp32 weights or masters: the states are fp32 too
             state = "fp32"
         self.factored, self.fused, self.generator = factored, fused, generator
@@ -157,20 +229,25 @@ class AdamW:
             self.exp_avg_sq = State(n, state, p0.device, signed=False, generator=generator)
         self.step_count, self._lr, self._sq, self._scale = 0, lr, [], None
         self.clip, self.last_norm = clip, None  # fused: clip to `clip` by the previous step's gradient norm
-        if fused:
+        if fused:  # FSDP2 runs these hooks too, on the sharded parameter once its gradient is reduce-scattered
             self.grad = None
             for i, p in enumerate(self.params):
                 p.register_post_accumulate_grad_hook(lambda p, i=i: self._hook(i, p))
+        elif self.sharded:  # each parameter's gradient is FSDP's: a DTensor of this process's shard
+            self.grad = None
         else:
             self.grad = torch.zeros_like(self.flat)
             for p, offset in zip(self.params, self.offsets):  # backward accumulates into self.grad via these views
                 p.grad = self.grad.as_strided(p.shape, p.stride(), offset)
 
     # ---- the update of one piece of the flat buffer ------------------------------------------
-    def _update(self, s: slice, g: torch.Tensor, lr: float, ok=None, v=None) -> None:
-        """One AdamW update of flat slice `s` (whole blocks) with its fp32 gradient `g` (the caller's reference
-        aside, freed here). `v`: its second moment, already updated (factored, or a vector's), else the flat state
-        is updated here. `ok`: a 0-dim bool tensor; False keeps the weights and moments as they were."""
+    def _update(self, s: slice, w: torch.Tensor, g: torch.Tensor, lr: float, ok=None, v=None) -> None:
+        """One AdamW update of flat slice `s` (whole blocks) of the states with its fp32 gradient `g` (the caller's
+        reference aside, freed here). `w`: its weights, the same slice of the flat buffer or, sharded, the piece of a
+        local shard it holds, which may end before the slice does (the rest is padding: the update runs on a padded
+        copy, so every kernel sees whole blocks as in the flat buffer and computes the same bits). `v`: its second
+        moment, already updated (factored, or a vector's), else the flat state is updated here. `ok`: a 0-dim bool
+        tensor; False keeps the weights and moments as they were."""
         (b1, b2), t = self.betas, self.step_count
         bc1, bc2 = 1 - b1**t, 1 - b2**t  # bias corrections
         m = self.exp_avg.get(s)
@@ -192,18 +269,19 @@ class AdamW:
             m.copy_(torch.where(ok, m, m_old))
         else:
             self.exp_avg.put(s, m if ok is None else torch.where(ok, m, self.exp_avg.get(s)))
-        p = self.master[s] if self.master is not None else self.flat[s].float()  # fp32 weights: the weights
+        p = self.master[s] if self.master is not None else _fp32(w, s.stop - s.start)  # fp32 weights: the weights
         if ok is None:  # in place: a chunk's fp32 temporaries peak at 4 (+ the rounding's noise), not 8
             new = p.mul_(1 - lr * self.weight_decay).addcdiv_(m, denom, value=-lr / bc1)  # decoupled decay, Adam
         else:
             new = torch.where(ok, p.mul(1 - lr * self.weight_decay).addcdiv_(m, denom, value=-lr / bc1), p)
         del m, denom
         if self.rounded:
-            self.flat[s].copy_(stochastic_round(new, self.generator))
-        elif new is not p or self.master is not None:  # bf16 from fp32 masters, or an out-of-place result
-            if self.master is not None:
+            w.copy_(stochastic_round(new, self.generator)[: w.numel()])
+        else:
+            if self.master is not None and new is not p:  # an out-of-place result
                 self.master[s].copy_(new)
-            self.flat[s].copy_(new)
+            if new is not w:  # bf16 from fp32 masters, a padded copy, or an out-of-place result
+                w.copy_(new[: w.numel()])
 
     def _update_parameter(self, i: int, grad: torch.Tensor, lr: float, ok=None, scale=None) -> None:
         """The update of parameter i from its gradient `grad` (flat, in the parameter's memory order, any float
@@ -241,17 +319,44 @@ class AdamW:
             g = torch.nn.functional.pad(grad[a:b].float(), (0, pad))
             g = g.mul_(scale) if scale is not None else g
             v = None if second is None else torch.nn.functional.pad(second(), (0, pad))
-            self._update(slice(offset + a, offset + b + pad), g, lr, ok, v)
+            w = _local(self.params[i]).view(-1)[a:b] if self.sharded else self.flat[offset + a : offset + b + pad]
+            self._update(slice(offset + a, offset + b + pad), w, g, lr, ok, v)
             del g, v
 
     # ---- unfused: step() after backward -----------------------------------------------------
     def zero_grad(self) -> None:
         if self.grad is not None:
             self.grad.zero_()
+        elif self.sharded:  # FSDP assigns each parameter a new sharded gradient in the next backward
+            for p in self.params:
+                p.grad = None
+
+    def _grads(self) -> list[torch.Tensor]:
+        """The gradient, as tensors that hold it: the flat buffer, or sharded each parameter's local shard."""
+        return [self.grad] if not self.sharded else [_local(p.grad) for p in self.params if p.grad is not None]
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed (in place) over the processes that hold the other shards of the same parameters."""
+        for dim, placement in enumerate(self.placements):
+            if placement.is_shard():
+                torch.distributed.all_reduce(x, group=self.mesh.get_group(dim))
+        return x
 
     def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm in fp32."""
-        return _norm(self.grad)
+        """The global L2 norm in fp32; sharded, from the squared norms of the local shards summed over the
+        processes, so every process gets the same norm and clips alike."""
+        if not self.sharded:
+            return _norm(self.grad)
+        sq = sum((_norm(g.reshape(-1)).square() for g in self._grads()), torch.zeros((), device=self.device))
+        return self._all_sum(sq).sqrt()
+
+    @torch.no_grad()
+    def clip_grad_(self, max_norm: float, norm: torch.Tensor) -> None:
+        """Clip the gradient to `max_norm` given its global `norm` (grad_norm()): scale it by
+        min(1, max_norm / (norm + 1e-6)), the factor the fused step applies too (begin)."""
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in self._grads():
+            g.mul_(factor)
 
     @torch.no_grad()
     def step(self, lr: float | None = None) -> None:
@@ -262,10 +367,14 @@ class AdamW:
         if self.factored:  # a factored second moment needs each matrix whole: one parameter at a time
             for i, p in enumerate(self.params):
                 self._update_parameter(i, self.grad[self.offsets[i] : self.offsets[i] + p.numel()], lr)
+        elif self.sharded:  # each parameter's shard is its own tensor: one parameter at a time
+            for i, p in enumerate(self.params):  # no gradient (it reached no output): a zero one, as unsharded
+                grad = _local(p.grad).reshape(-1) if p.grad is not None else torch.zeros_like(_local(p).view(-1))
+                self._update_parameter(i, grad, lr)
         else:  # the whole flat buffer, CHUNK values at a time
             for start in range(0, self.flat.numel(), CHUNK):
                 s = slice(start, min(start + CHUNK, self.flat.numel()))
-                self._update(s, self.grad[s].float(), lr)
+                self._update(s, self.flat[s], self.grad[s].float(), lr)
 
     # ---- fused: begin(lr), backward, end() ---------------------------------------------------
     def begin(self, lr: float | None = None) -> None:
@@ -278,19 +387,73 @@ class AdamW:
     @torch.no_grad()
     def _hook(self, i: int, p: torch.Tensor) -> None:
         grad, p.grad = p.grad, None  # freed when this returns
-        if grad.stride() != p.stride():  # the flat buffer holds p in p's memory order
-            grad = torch.empty_strided(p.shape, p.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
-        grad = grad.as_strided((p.numel(),), (1,))
+        if self.sharded:  # this process's shard, already averaged over the processes; contiguous, as its weights
+            grad = _local(grad).reshape(-1)
+        else:
+            if grad.stride() != p.stride():  # the flat buffer holds p in p's memory order
+                grad = torch.empty_strided(p.shape, p.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+            grad = grad.as_strided((p.numel(),), (1,))
         sq = _norm(grad).square()
         self._sq.append(sq)
         self._update_parameter(i, grad, self._lr, ok=torch.isfinite(sq), scale=self._scale)
 
     def end(self) -> torch.Tensor:
         """The norm of this step's gradient, before clipping (non-finite if some parameter's was: those kept their
-        weights); the next step clips by it."""
-        norm = torch.stack(self._sq).sum().sqrt() if self._sq else torch.zeros(())
+        weights; sharded, those shards did: each process judges its own); the next step clips by it."""
+        if self.sharded:  # every process takes part in the sum, whatever its hooks saw
+            sq = torch.stack(self._sq).sum() if self._sq else torch.zeros((), device=self.device)
+            norm = self._all_sum(sq).sqrt()
+        else:
+            norm = torch.stack(self._sq).sum().sqrt() if self._sq else torch.zeros(())
         self._sq, self.last_norm = [], norm
         return norm
+
+    # ---- the weights in the flat layout: EMA, the final swap to it, checkpoints --------------
+    def _pieces(self) -> list[tuple[slice, torch.Tensor]]:
+        """(slice of the flat layout, the weights it holds): the flat buffer whole, or each parameter's local shard."""
+        if not self.sharded:
+            return [(slice(0, self.size), self.flat)]
+        return [(slice(offset, offset + _local(p).numel()), _local(p).view(-1))
+                for p, offset in zip(self.params, self.offsets)]
+
+    @torch.no_grad()
+    def weights(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A copy of the weights laid out as the states: a copy of the flat buffer, or sharded, of this process's
+        shards (each at its offset, the padding zero). An EMA starts from it."""
+        out = torch.zeros(self.size, dtype=dtype or self.dtype, device=self.device)
+        for s, w in self._pieces():
+            out[s].copy_(w)
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, flat: torch.Tensor) -> None:
+        """The weights (and the fp32 masters) <- `flat`, laid out as weights() gives them: an EMA, or a checkpoint's."""
+        for s, w in self._pieces():
+            w.copy_(flat[s])
+        if self.master is not None:
+            self.master.copy_(flat)
+
+    @torch.no_grad()
+    def update_ema(self, ema: torch.Tensor, decay: float, generator=None) -> None:
+        """ema <- decay * ema + (1 - decay) * weights (ema_update), `ema` laid out as weights() gives them."""
+        for s, w in self._pieces():
+            ema_update(ema[s], w, decay, generator)
+
+    def param_views(self, flat: torch.Tensor) -> list:
+        """`flat`, laid out as the states, seen as one tensor per parameter shaped as it: a view in the parameter's
+        memory order or, sharded, a DTensor on this process's piece with the parameter's mesh, placements and
+        global shape and stride (shards may be uneven, or empty). Writing into a view writes `flat`."""
+        from_local = sys.modules["torch.distributed.tensor"].DTensor.from_local if self.sharded else None
+        views = []
+        for p, offset in zip(self.params, self.offsets):
+            if not self.sharded:
+                views.append(flat[offset:].as_strided(p.shape, p.stride()))
+                continue
+            shape = _local(p).shape
+            local = flat[offset : offset + shape.numel()].view(shape)
+            views.append(from_local(local, self.mesh, self.placements, run_check=False, shape=p.shape,
+                                    stride=p.stride()))
+        return views
 
     # ---- checkpoints: the states as they are stored (8-bit stays 8-bit) -----------------------
     def state_dict(self) -> dict:
@@ -310,9 +473,54 @@ class AdamW:
             for i, t in d.items():
                 t.copy_(state[f"{name}.{i}"])
         self.step_count = int(state["step"])
-        self.last_norm = state["last_norm"].to(self.flat.device) if "last_norm" in state else None
+        self.last_norm = state["last_norm"].to(self.device) if "last_norm" in state else None
         if self.master is not None:
             self.master.copy_(state["master"])
+
+    # ---- checkpoints per parameter: what torch.distributed.checkpoint saves and reshards ------
+    def param_state_dict(self) -> dict:
+        """The states per parameter ("exp_avg.<i>", "exp_avg_sq.<i>", "master.<i>": i the parameter's index), each
+        shaped, and sharded, as its parameter (param_views), with "step" (and "last_norm"). Saved by
+        torch.distributed.checkpoint, they load onto any number of processes. fp32 and bf16 states are views of the
+        stored ones, so a load fills them in place; 8-bit ones are dequantised copies in fp32, which
+        load_param_state_dict quantises again. At the same sharding that gives back the same codes and maxima bit
+        for bit: each block's largest value comes back as 1.0 x its maximum, and every other value as its level
+        times that, within an ulp of the level and so far from the midpoints between levels that decide a code.
+        At another sharding the blocks are other runs of values: the moments come back within 8-bit precision."""
+        state = {"step": torch.tensor(self.step_count)}
+        state |= {"last_norm": self.last_norm} if self.clip is not None and self.last_norm is not None else {}
+        for name, moment in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            if moment is not None:
+                flat = moment.get(slice(0, self.size)) if moment.kind == "8bit" else moment.data
+                state |= {f"{name}.{i}": t for i, t in enumerate(self.param_views(flat))}
+        for name, d in (("row", self.rows), ("col", self.cols), ("vec", self.vec)):  # factored: never sharded
+            state |= {f"{name}.{i}": t for i, t in d.items()}
+        if self.master is not None:
+            state |= {f"master.{i}": t for i, t in enumerate(self.param_views(self.master))}
+        return state
+
+    @torch.no_grad()
+    def load_param_state_dict(self, state: dict) -> None:
+        """The states from `state`, laid out as param_state_dict() gives them; torch.distributed.checkpoint's load
+        fills such a dict in place, whatever the number of processes that saved it."""
+        for name, moment in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            if moment is None:
+                continue
+            flat = torch.zeros(self.size, device=self.device) if moment.kind == "8bit" else moment.data
+            for i, view in enumerate(self.param_views(flat)):
+                _local(view).copy_(_local(state[f"{name}.{i}"]))
+            if moment.kind == "8bit":  # whole blocks: CHUNK and every parameter's offset are multiples of BLOCK
+                for start in range(0, self.size, CHUNK):
+                    s = slice(start, min(start + CHUNK, self.size))
+                    moment.put(s, flat[s])
+        for name, d in (("row", self.rows), ("col", self.cols), ("vec", self.vec)):
+            for i, t in d.items():
+                t.copy_(state[f"{name}.{i}"])
+        if self.master is not None:
+            for i, view in enumerate(self.param_views(self.master)):
+                _local(view).copy_(_local(state[f"master.{i}"]))
+        self.step_count = int(state["step"])
+        self.last_norm = state["last_norm"].to(self.device) if "last_norm" in state else None
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor the moments (and masters) are stored in: what the dry run counts as 'optimizer'."""

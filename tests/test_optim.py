@@ -300,3 +300,33 @@ def test_fused_clipping_uses_the_previous_steps_norm():
         torch.testing.assert_close(last, norm, rtol=1e-6, atol=0)
     assert torch.equal(a.flat, b.flat) and scaled == 3  # every step after the first was clipped
     assert torch.equal(b.state_dict()["last_norm"], last)
+
+
+def test_weights_ema_clipping_and_per_parameter_state_unsharded():
+    """What a training loop calls in either layout (tests/test_fsdp_optim.py: sharded), here on the flat buffer:
+    weights() is a copy of it, update_ema is ema_update on it, clip_grad_ scales the gradient to the given norm (or
+    leaves it alone below it), and param_state_dict views each parameter's states in its shape and memory order,
+    loading back bit for bit, 8-bit included (each block's maximum maps to 1.0, every other value to its level)."""
+    a = _train(False, torch.bfloat16, steps=2, state="8bit", fp32_master=True)
+    assert torch.equal(a.weights(), a.flat) and a.weights().data_ptr() != a.flat.data_ptr()
+    ema, ref = a.weights(), a.flat.clone()
+    a.update_ema(ema, 0.9, torch.Generator().manual_seed(0))
+    optim.ema_update(ref, a.flat, 0.9, torch.Generator().manual_seed(0))
+    assert torch.equal(ema, ref)
+    state = a.param_state_dict()
+    for i, p in enumerate(a.params):
+        master = state[f"master.{i}"]
+        assert master.shape == p.shape and master.stride() == p.stride()  # channels_last conv weights stay so
+        assert torch.equal(master.bfloat16(), p.detach())  # the bf16 weights are the masters rounded
+        assert state[f"exp_avg.{i}"].dtype == torch.float32 and state[f"exp_avg.{i}"].shape == p.shape
+    b = _train(False, torch.bfloat16, steps=0, state="8bit", fp32_master=True)
+    b.load_weights(a.weights())
+    b.load_param_state_dict({k: v.clone() for k, v in state.items()})
+    sa, sb = a.state_dict(), b.state_dict()
+    assert torch.equal(a.flat, b.flat) and all(torch.equal(sa[k], sb[k]) for k in sa) and b.step_count == 2
+    a.grad.copy_(torch.randn(a.grad.shape, generator=torch.Generator().manual_seed(0)))
+    norm, before = a.grad_norm(), a.grad.clone()
+    a.clip_grad_(2 * norm.item(), norm)
+    assert torch.equal(a.grad, before)
+    a.clip_grad_(norm.item() / 4, norm)
+    torch.testing.assert_close(a.grad_norm(), norm / 4, rtol=1e-5, atol=0)
