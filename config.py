@@ -181,6 +181,10 @@ class Config:
     push_checkpoints_to_hub: bool = _opt(False, "also upload each checkpoint's weights and card to the repo, in the "
                                                 "background (one commit each)")
     device: str | None = _opt(None, "torch device (None: cuda if available, else cpu)")
+    parallelism: Literal["auto", "ddp", "fsdp"] = _opt(
+        "auto", "several processes: ddp (a whole model per GPU) or fsdp (each GPU holds 1/N of the weights, "
+        "gradients and moments); auto: fsdp for model_type='full', ddp for adapters and bitfit (parallel.py)"
+    )
     # Rank 0 validates and writes checkpoints alone while the other ranks wait; a full IF-I-XL checkpoint (weights,
     # moments, EMA: ~35 GB) takes ~12 min at 50 MB/s, and its validation a few more. NCCL's own 10 min would fire.
     distributed_timeout: int = _opt(1800, "several processes: seconds the others wait for rank 0's checkpoint or "

@@ -139,3 +139,14 @@ def report(title: str, peak_bytes: int, phase: str, parts: dict[str, int], flops
         speed = f"~{r['step_s'] * 1000:.0f} ms/step, {r['samples_per_s']:.1f} samples/s" if r["step_s"] else ""
         lines.append(f"    {r['gpu']:<10} {r['memory_gb']:>4} GB: {verdict:<28} {speed}")
     return "\n".join(lines)
+
+
+def fsdp_peak(peak_bytes: int, parts: dict[str, int], world: int, largest_unit_bytes: int, root_bytes: int) -> int:
+    """One rank's predicted peak when FSDP (parallel.py) shards the step that one process measured at `peak_bytes`
+    (with `parts` its breakdown at the peak). Every part but the activations is sharded: weights, gradients,
+    moments and EMA are 1/world each. Unsharded at a time are the root's own weights (`root_bytes`: gathered for
+    the whole forward and backward), the sharded module running and the next one prefetched (2 x
+    `largest_unit_bytes`), and in backward that module's whole gradient before its reduce-scatter (1 x). The
+    activations are the single process's: the per-rank batch is the same."""
+    state = peak_bytes - parts.get("activations", 0)
+    return int(state / world + parts.get("activations", 0) + (root_bytes + 3 * largest_unit_bytes) * (world > 1))

@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -35,13 +34,14 @@ import data
 import diffusion
 import hub
 import lora
+import parallel
 import quant
 import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
 from lora import LORA_FILE
 from model import UNet, build, read_weights
-from optim import AdamW, ema_update
+from optim import AdamW
 
 # ---------------------------------------------------------------------------------------------
 # the optimizer (optim.py) as the config sets it, and the learning rate
@@ -75,10 +75,11 @@ def lr_at(step: int, cfg: Config) -> float:
 # model, text and the loss
 
 
-def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
-    """The U-Net with its trainable parameters. Returns (unet, params, where the base weights came from)."""
+def setup_model(cfg: Config, device, dtype, shard: bool = False) -> tuple[UNet, list, str]:
+    """The U-Net with its trainable parameters. Returns (unet, params, where the base weights came from).
+    shard=True: sharded by FSDP across the processes (parallel.shard), only each rank's shards reaching the device."""
     # with quantise_base the bf16 weights stay on the CPU: quantised there, only int8 reaches the device
-    load_on = torch.device("cpu") if cfg.quantise_base and device.type != "meta" else device
+    load_on = torch.device("cpu") if (cfg.quantise_base or shard) and device.type != "meta" else device
     if cfg.unet_config is not None:
         torch.manual_seed(cfg.seed)
         unet, source = build(cfg.unet_config, dtype=dtype, device=load_on), "random init"
@@ -101,6 +102,9 @@ def setup_model(cfg: Config, device, dtype) -> tuple[UNet, list, str]:
     else:
         params = list(unet.parameters())
     unet.train()
+    if shard:  # (FSDP shards contiguous weights only: channels_last stays for the activations)
+        parallel.shard(unet, device)
+        return unet, [p for p in unet.parameters() if p.requires_grad], source  # now DTensors
     unet = unet.to(memory_format=torch.channels_last)
     if cfg.quantise_base:  # the frozen weights, after the adapters were added (they stay in bf16)
         quant.quantise_(unet)
@@ -169,7 +173,8 @@ class Run:
     rngs: dict
     eval_items: list  # the held-out images (rank 0), for eval_loss
     metrics: Metrics | None = None  # rank 0
-    group: object = None  # several processes: a gloo group for the CPU-side agreements (see wait_for_rank0)
+    group: object = None  # under torchrun: a gloo group for the CPU-side agreements (parallel.py)
+    sharded: bool = False  # FSDP: every rank holds 1/N of the trained weights and their states
     step: int = 0
     nonfinite: int = 0  # steps in a row with a non-finite loss or gradient
     skipped: int = 0  # all such steps
@@ -191,15 +196,21 @@ def check_options(cfg: Config, world: int) -> None:
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
+    if cfg.parallelism == "fsdp" and (cfg.model_type != "full" or cfg.use_bitfit):
+        raise ValueError("parallelism='fsdp' shards full fine-tunes; adapters and bitfit train few weights and "
+                         "their files are written whole: use parallelism='ddp' (or 'auto')")
+    if cfg.factored_second_moment and "RANK" in os.environ and parallel.engine(cfg) == "fsdp":
+        raise ValueError("factored_second_moment keeps row and column means of each matrix, and FSDP spreads a "
+                         "matrix's rows over the ranks: use optimizer_state='8bit', or parallelism='ddp'")
     if not cfg.fused_backward:
         return
     if cfg.gradient_accumulation_steps > 1:
         raise ValueError("fused_backward updates each parameter as soon as its gradient is complete, so gradients "
                          "cannot accumulate over micro-batches: set gradient_accumulation_steps=1 (raise "
                          "train_batch_size instead), or turn fused_backward off")
-    if world > 1:
-        raise ValueError("fused_backward would step on each rank's own gradient, before DDP averages it: train on "
-                         "one process, or turn fused_backward off")
+    if world > 1 and parallel.engine(cfg) == "ddp":
+        raise ValueError("fused_backward would step on each rank's own gradient, before DDP averages it: use "
+                         "parallelism='fsdp' (it steps on the reduced shards), or turn fused_backward off")
 
 
 def setup(cfg: Config) -> Run:
@@ -210,12 +221,8 @@ def setup(cfg: Config) -> Run:
         device = torch.device(cfg.device)
     else:
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before the process group, so each rank's NCCL context is on its own GPU
-    group = None
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=cfg.distributed_timeout))
+    rank, world, group = parallel.start(cfg, device)
+    sharded = parallel.sharded(cfg)
     dtype = torch_dtype(cfg.mixed_precision, device)
     out = Path(cfg.output_dir)
     if rank == 0:
@@ -224,18 +231,21 @@ def setup(cfg: Config) -> Run:
 
     loader = data.make_loader(cfg, rank, world)
     cache = t5cache.prepare(cfg, t5cache.run_captions(cfg), progress=rank == 0)
-    unet, params, source = setup_model(cfg, device, dtype)
+    unet, params, source = setup_model(cfg, device, dtype, shard=sharded)
     lora.shard_dropout(unet, rank, world)  # LoRA dropout masks, like the noise, are drawn for the global batch
     check_validation(cfg, unet, loader)
-    eval_items = [loader.items[loader.eval_request(i)] for i in loader.held_out] if rank == 0 else []
+    # sharded, every rank takes part in validation (each forward gathers the weights), so each needs its pictures
+    eval_items = [loader.items[loader.eval_request(i)] for i in loader.held_out] if rank == 0 or sharded else []
+    # stochastic rounding: under DDP every rank rounds the same whole weights alike; sharded, each its own shards
+    rounding = cfg.seed + 2 + (rank if sharded else 0)
     rngs = {"train": torch.Generator(device).manual_seed(cfg.seed + 1),  # noise, timesteps, augmentation levels
-            "rounding": torch.Generator(device).manual_seed(cfg.seed + 2), "cpu": torch.default_generator,
+            "rounding": torch.Generator(device).manual_seed(rounding), "cpu": torch.default_generator,
             "python": random.Random(cfg.seed)}  # python: caption dropout; the default generators: LoRA dropout
     if device.type == "cuda":
         rngs["cuda"] = torch.cuda.default_generators[device.index or 0]
     opt = optimizer_for(cfg, params, rngs["rounding"])
     r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
-            opt.flat.clone() if cfg.use_ema else None, rngs, eval_items, group=group)
+            opt.weights() if cfg.use_ema else None, rngs, eval_items, group=group, sharded=sharded)
     resume = find_checkpoint(cfg)
     if resume is not None:
         load_checkpoint(resume, r)
@@ -246,9 +256,7 @@ def setup(cfg: Config) -> Run:
         print(f"training {sum(p.numel() for p in params):,} parameters ({cfg.model_type}"
               f"{', DoRA' if cfg.use_dora else ''}{', bitfit' if cfg.use_bitfit else ''}) of {source} in "
               f"{str(dtype).removeprefix('torch.')} on {world} x {device}")
-    if world > 1:
-        ids = [device] if device.type == "cuda" else None
-        r.model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
+    r.model = parallel.wrap(unet, device, world)  # DDP when several processes hold the whole U-Net
     if cfg.compile:  # a second bucket size makes dynamo treat sizes as dynamic: one recompile, not one per bucket
         r.model = torch.compile(r.model, backend="inductor" if cfg.compile is True else cfg.compile)
     return r
@@ -279,7 +287,7 @@ def train_step(r: Run, batches) -> dict:
                                                       r.dtype, r.step)
         text = text_for(batch["captions"], r.cache, cfg, r.rngs["python"], r.world, r.rank, r.device, r.dtype)
         last = micro == n_micro - 1
-        with r.model.no_sync() if r.world > 1 and not last else contextlib.nullcontext():  # all-reduce once
+        with parallel.gradient_sync(r.model, last):  # the gradients are reduced across ranks once, at the last
             output = r.model(x_in, t, text, noise_level=level)
             loss, parts = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **loss_options(cfg),
                                                     return_terms=True)
@@ -291,10 +299,10 @@ def train_step(r: Run, batches) -> dict:
     if r.dry or torch.isfinite(norm):
         if not cfg.fused_backward:
             if cfg.max_grad_norm is not None:
-                r.opt.grad.mul_(torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0))
+                r.opt.clip_grad_(cfg.max_grad_norm, norm)
             r.opt.step(lr)
         if r.ema is not None:
-            ema_update(r.ema, r.opt.flat, cfg.ema_decay, r.rngs["rounding"])
+            r.opt.update_ema(r.ema, cfg.ema_decay, r.rngs["rounding"])
         r.nonfinite = 0
     else:  # skip the update, keep going; many in a row means something is broken
         r.nonfinite, r.skipped = r.nonfinite + 1, r.skipped + 1
@@ -313,18 +321,18 @@ def train_step(r: Run, batches) -> dict:
 
 
 
-def save_weights(unet: UNet, cfg: Config, directory: Path, source: str) -> None:
+def save_weights(unet: UNet, cfg: Config, directory: Path, source: str, state_dict: dict | None = None) -> None:
     """The trained weights in their final format: a LoRA file diffusers loads (with use_bitfit, plus the trained
     biases in the file beside it that the LoRA file names, see lora.py), or, for model_type='full' (all weights, or
     with use_bitfit only the biases), a complete diffusers unet/ + scheduler/ folder that sample.py and diffusers
-    take as the base weights."""
+    take as the base weights. `state_dict`: the U-Net's whole state when it is sharded (parallel.full_state_dict)."""
     variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
     meta = {"variance_trained": str(variance == "learned_range").lower(), "base_model": source, "stage": str(cfg.stage)}
     meta |= {"base_quantised": "int8"} if cfg.quantise_base else {}  # sample.py then samples on the int8 base too
     if cfg.model_type == "lora":
         lora.save_lora(unet, directory / LORA_FILE, metadata=meta, biases=cfg.use_bitfit)
         return
-    unet.save_pretrained(directory / "unet")
+    unet.save_pretrained(directory / "unet", state_dict)
     (directory / "scheduler").mkdir(exist_ok=True)
     config = json.dumps(diffusion.scheduler_config(cfg.stage, variance), indent=2)
     (directory / "scheduler" / "scheduler_config.json").write_text(config)
@@ -358,30 +366,41 @@ def _checkpoints(out: Path) -> dict[int, Path]:
 
 
 def save_checkpoint(r: Run) -> Path | None:
-    """Rank 0 writes checkpoint-<step>/: the weights as save_weights writes them, and the training state that a
-    resume needs to continue exactly. Never is there a moment without a complete checkpoint of this step once one
-    existed: an existing checkpoint-N is moved to checkpoint-N.old, the new one renamed into place, then the old
-    one deleted. Then only the newest checkpoints_total_limit are kept."""
-    if r.rank != 0:
-        return None
+    """checkpoint-<step>/: the weights as save_weights writes them, and the training state that a resume needs to
+    continue exactly. Rank 0 writes it; sharded (FSDP), every rank first sends its weight shards to rank 0 and
+    writes its moment shards itself through torch.distributed.checkpoint (sharded/, readable at any world size).
+    Never is there a moment without a complete checkpoint of this step once one existed: an existing checkpoint-N
+    is moved to checkpoint-N.old, the new one renamed into place, then the old one deleted. Then only the newest
+    checkpoints_total_limit are kept."""
     from safetensors.torch import save_file
 
-    for left in r.out.glob("checkpoint-*.tmp"):  # what crashes left: half-written checkpoints go,
-        shutil.rmtree(left, ignore_errors=True)
-    for left in r.out.glob("checkpoint-*.old"):  # and a moved-aside one is put back where its replacement is missing
-        if left.with_suffix("").exists():
-            shutil.rmtree(left, ignore_errors=True)
-        else:
-            os.replace(left, left.with_suffix(""))
+    whole = parallel.full_state_dict(r.unet) if r.sharded else None
     final, tmp, old = (r.out / f"checkpoint-{r.step}{suffix}" for suffix in ("", ".tmp", ".old"))
-    tmp.mkdir(parents=True)
-    save_weights(r.unet, r.cfg, tmp, r.source)
-    tensors = {f"opt.{k}": v for k, v in r.opt.state_dict().items()}  # the weights are in save_weights' files only
-    tensors |= {f"rng.{k}": g.get_state() for k, g in r.rngs.items() if isinstance(g, torch.Generator)}
-    tensors |= {"ema": r.ema} if r.ema is not None else {}
+    if r.rank == 0:
+        for left in r.out.glob("checkpoint-*.tmp"):  # what crashes left: half-written checkpoints go,
+            shutil.rmtree(left, ignore_errors=True)
+        for left in r.out.glob("checkpoint-*.old"):  # a moved-aside one is put back where its replacement is missing
+            if left.with_suffix("").exists():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                os.replace(left, left.with_suffix(""))
+        tmp.mkdir(parents=True)
+    if r.sharded:
+        parallel.wait_for_rank0(r.group, r.cfg, f"checkpoint-{r.step}.tmp to exist")
+        parallel.save_sharded(sharded_state(r), tmp / "sharded")
+        save_file({"rounding": r.rngs["rounding"].get_state()}, str(tmp / f"rounding-rank{r.rank}.safetensors"))
+        parallel.wait_for_rank0(r.group, r.cfg, f"every rank's shards of checkpoint-{r.step}")
+    if r.rank != 0:
+        return None
+    save_weights(r.unet, r.cfg, tmp, r.source, whole)
+    tensors = {} if r.sharded else {f"opt.{k}": v for k, v in r.opt.state_dict().items()}  # the weights: above only
+    tensors |= {f"rng.{k}": g.get_state() for k, g in r.rngs.items()
+                if isinstance(g, torch.Generator) and not (r.sharded and k == "rounding")}
+    tensors |= {"ema": r.ema} if r.ema is not None and not r.sharded else {}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "training_state.safetensors"))
     state = {"step": r.step, "data": r.loader.state_dict(), "python_random": r.rngs["python"].getstate(),
-             "nonfinite_steps": r.nonfinite, "skipped_steps": r.skipped}
+             "nonfinite_steps": r.nonfinite, "skipped_steps": r.skipped, "world_size": r.world,
+             "sharded": r.sharded}
     (tmp / "training_state.json").write_text(json.dumps(state, default=list))
     if final.exists():
         os.replace(final, old)
@@ -394,6 +413,16 @@ def save_checkpoint(r: Run) -> Path | None:
     for step in list(done)[: -r.cfg.checkpoints_total_limit] if r.cfg.checkpoints_total_limit else []:
         shutil.rmtree(done[step], ignore_errors=True)
     return final
+
+
+def sharded_state(r: Run) -> dict:
+    """What a sharded checkpoint keeps in sharded/ (torch.distributed.checkpoint): the optimizer's moments and
+    the EMA, per parameter, as DTensors of this run's sharding, which a load fills in place."""
+    state = {"optimizer": r.opt.param_state_dict()}
+    if r.ema is not None:
+        names = [n for n, p in r.unet.named_parameters() if p.requires_grad]
+        state["ema"] = dict(zip(names, r.opt.param_views(r.ema)))
+    return state
 
 
 def find_checkpoint(cfg: Config) -> Path | None:
@@ -409,17 +438,36 @@ def find_checkpoint(cfg: Config) -> Path | None:
 
 
 def load_checkpoint(path: Path, r: Run) -> None:
+    """The state save_checkpoint wrote, into the run setup() made. A sharded checkpoint resumes under torchrun with
+    parallelism='fsdp' on any number of processes: at the same number exactly; at another, the moments are
+    resharded (8-bit ones within their precision) and stochastic rounding draws afresh."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "training_state.safetensors"), device=str(r.opt.flat.device))
-    load_weights(r.unet, r.cfg, path)
-    r.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
-    for name, g in r.rngs.items():
-        if isinstance(g, torch.Generator):
-            g.set_state(tensors[f"rng.{name}"].cpu())
-    if r.ema is not None:
-        r.ema.copy_(tensors["ema"])
     state = json.loads((path / "training_state.json").read_text())
+    if state.get("sharded", False) != r.sharded:
+        how = ("under torchrun with parallelism='fsdp' (any number of processes)" if state.get("sharded") else
+               "without FSDP (parallelism='ddp', or plain python train.py)")
+        raise ValueError(f"{path} was written by a {'sharded' if state.get('sharded') else 'unsharded'} run: resume "
+                         f"it {how}")
+    device = str(r.device)
+    tensors = load_file(str(path / "training_state.safetensors"), device=device)
+    if r.sharded:
+        whole = read_weights(path / "unet", dtype=r.dtype) if r.rank == 0 else {}  # rank 0 reads, all get shards
+        parallel.load_full_state_dict(r.unet, whole)
+        shards = sharded_state(r)
+        parallel.load_sharded(shards, path / "sharded")
+        r.opt.load_param_state_dict(shards["optimizer"])  # the EMA was filled in place
+        mine = path / f"rounding-rank{r.rank}.safetensors"
+        if state["world_size"] == r.world and mine.is_file():
+            r.rngs["rounding"].set_state(load_file(str(mine))["rounding"])
+    else:
+        load_weights(r.unet, r.cfg, path)
+        r.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
+        if r.ema is not None:
+            r.ema.copy_(tensors["ema"])
+    for name, g in r.rngs.items():
+        if isinstance(g, torch.Generator) and f"rng.{name}" in tensors:
+            g.set_state(tensors[f"rng.{name}"].cpu())
     r.loader.load_state_dict(state["data"])
     version, internal, gauss = state["python_random"]
     r.rngs["python"].setstate((version, tuple(internal), gauss))
@@ -482,8 +530,9 @@ def validate(r: Run) -> Path:
                 seen = "held out" if i in r.loader.held_out else "a training image"
                 labels += [f"low-res ({seen}): {item['caption']}", f"upscaled {w}x{h}", "original"]
     path = r.out / "samples" / f"step-{r.step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.image_grid(images, labels, cols=len(sizes) if cfg.stage == 1 else 3).save(path)
+    if r.rank == 0:  # (sharded, every rank made the same grid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.image_grid(images, labels, cols=len(sizes) if cfg.stage == 1 else 3).save(path)
     unet.train()
     return path
 
@@ -512,42 +561,20 @@ def eval_loss(unet, items: list[dict], cache, sched, cfg: Config, device, dtype)
 
 
 def evaluate(r: Run, grids: bool = True) -> None:
-    """Rank 0: the held-out loss, then (with `grids`) the validation grid."""
+    """The held-out loss, then (with `grids`) the validation grid: on rank 0, or sharded on every rank (each
+    forward gathers the weights from all of them), rank 0 writing."""
     if r.cfg.validation_loss_images:
         value = eval_loss(r.unet, r.eval_items, r.cache, r.sched, r.cfg, r.device, r.dtype)
-        r.metrics.write({"step": r.step, "eval_loss": value})
+        if r.metrics is not None:
+            r.metrics.write({"step": r.step, "eval_loss": value})
     if grids and (r.cfg.validation_prompts or r.cfg.stage == 2):
-        r.metrics.image(validate(r), r.step)
+        path = validate(r)
+        if r.metrics is not None:
+            r.metrics.image(path, r.step)
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
-
-
-def agree_to_stop(r: Run, stop: list) -> bool:
-    """True on every rank once any rank was asked to stop. Preemption signals reach ranks at different steps, or
-    reach one rank only: a rank that left the loop alone would leave the others waiting in a gradient all-reduce
-    with no checkpoint written. So after each step the ranks decide together (one int, all-reduced over gloo on the
-    CPU: no GPU sync), all leave after the same step, and rank 0 writes the checkpoint."""
-    if r.world == 1:
-        return bool(stop)
-    flag = torch.tensor([int(bool(stop))])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=r.group)
-    return bool(flag.item())
-
-
-def wait_for_rank0(r: Run, what: str) -> None:
-    """The other ranks wait here, on the CPU, while rank 0 alone validates or writes a checkpoint, rather than
-    inside the next collective, where NCCL's watchdog would end the run after its own 10 minutes. The barrier's
-    timeout is distributed_timeout, sized for a full IF-I-XL checkpoint (config.py)."""
-    if r.world == 1:
-        return
-    try:
-        torch.distributed.monitored_barrier(r.group, timeout=timedelta(seconds=r.cfg.distributed_timeout))
-    except RuntimeError as e:
-        raise RuntimeError(f"rank {r.rank} waited more than distributed_timeout={r.cfg.distributed_timeout} s for "
-                           f"{what}: if rank 0 is still working (a slow disk, a long validation), raise "
-                           f"distributed_timeout; otherwise see the log of the rank that did not arrive") from e
 
 
 @contextlib.contextmanager
@@ -577,16 +604,16 @@ def run(cfg: Config, stop: list) -> dict:
 
     r = setup(cfg)
     if r.step == 0 and cfg.validation_steps:
-        if r.rank == 0:
+        if r.rank == 0 or r.sharded:  # (sharded, every rank runs the forward; rank 0 writes)
             evaluate(r, grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
-        wait_for_rank0(r, "the held-out loss at step 0")
+        parallel.wait_for_rank0(r.group, cfg, "the held-out loss at step 0")
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * r.world
     batches, t0, start = r.loader.stream(), time.time(), r.step
     bar = tqdm(total=cfg.max_train_steps, initial=r.step, disable=r.rank != 0, dynamic_ncols=True)
-    stopping = agree_to_stop(r, stop)
+    stopping = parallel.agree_to_stop(r.group, stop)
     while r.step < cfg.max_train_steps and not stopping:
         row = train_step(r, batches)
-        stopping = agree_to_stop(r, stop)
+        stopping = parallel.agree_to_stop(r.group, stop)
         bar.update(1)
         if r.rank == 0 and (r.step % cfg.logging_steps == 0 or r.step == cfg.max_train_steps):
             rate = (r.step - start) * samples_per_step / (time.time() - t0)
@@ -596,14 +623,14 @@ def run(cfg: Config, stop: list) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{rate:.1f}")
         validating = cfg.validation_steps and r.step % cfg.validation_steps == 0
         checkpointing = r.step % cfg.checkpointing_steps == 0 or stopping
-        if r.rank == 0 and validating:
+        if validating and (r.rank == 0 or r.sharded):
             evaluate(r)
         if checkpointing:
             save_checkpoint(r)
         if validating or checkpointing:
-            wait_for_rank0(r, f"the validation or checkpoint of step {r.step}")
+            parallel.wait_for_rank0(r.group, cfg, f"the validation or checkpoint of step {r.step}")
     bar.close()
-    if r.rank == 0 and not stopping and cfg.validation_steps and r.step % cfg.validation_steps:
+    if (r.rank == 0 or r.sharded) and not stopping and cfg.validation_steps and r.step % cfg.validation_steps:
         evaluate(r)  # the final weights' loss and samples
     if r.rank == 0:
         r.metrics.close()
@@ -613,10 +640,12 @@ def run(cfg: Config, stop: list) -> dict:
         summary["interrupted"] = True
         if r.rank == 0:
             print(f"interrupted: checkpoint saved at step {r.step}; resume with --resume_from_checkpoint=latest")
-    elif r.rank == 0:
+    else:
         if r.ema is not None:
-            r.opt.flat.copy_(r.ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
-        save_weights(r.unet, cfg, r.out, r.source)
+            r.opt.load_weights(r.ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
+        whole = parallel.full_state_dict(r.unet) if r.sharded else None  # every rank sends its shards to rank 0
+    if r.rank == 0 and not stopping:
+        save_weights(r.unet, cfg, r.out, r.source, whole)
         seconds = time.time() - t0
         peak = torch.cuda.max_memory_allocated() if r.device.type == "cuda" else _peak_rss()
         summary |= {"seconds": round(seconds, 1), "peak_memory_gib": round(peak / 2**30, 2),
@@ -625,12 +654,12 @@ def run(cfg: Config, stop: list) -> dict:
         hub.write_card(cfg, r.out, repo_id=cfg.hub_model_id)
         print(f"done: {r.step} steps in {summary['seconds']} s, {summary['samples_per_s']} samples/s, peak memory "
               f"{summary['peak_memory_gib']} GiB; weights, checkpoints, samples/ and loss.png are in {r.out}/")
-    wait_for_rank0(r, "the final weights")  # no rank returns before they exist
+    parallel.wait_for_rank0(r.group, cfg, "the final weights")  # no rank returns before they exist
     if r.rank == 0:  # uploads: the others need not wait for them
         if cfg.push_to_hub and not stopping:
             hub.push(r.out, cfg.hub_model_id, private=cfg.hub_private)  # after any checkpoint still uploading
         hub.wait()
-    if r.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
 
@@ -725,6 +754,16 @@ def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
             "resolution": [w, h], "dtype": str(dtype).removeprefix("torch.")}
 
 
+def shard_units(cfg: Config) -> tuple[list[int], int]:
+    """The bytes of each module FSDP shards on its own (parallel.shard), and of what the root keeps, for cfg's U-Net
+    in the training dtype (built on the meta device: no memory)."""
+    dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
+    with torch.device("meta"):
+        unet = build(unet_config_of(cfg), dtype=dtype)
+    units = [sum(p.nbytes for p in m.parameters()) for m in parallel.shard_units(unet)]
+    return units, sum(p.nbytes for p in unet.parameters()) - sum(units)
+
+
 def dry_run(cfg: Config) -> dict:
     """`python train.py CONFIG --dry_run`: estimate_step on fake tensors, printed with the GPU verdicts and written to
     {output_dir}/memory_estimate.json."""
@@ -756,6 +795,12 @@ def dry_run(cfg: Config) -> dict:
               - sampling["unet_weights_bytes"], "sample.py": sampling["unet_peak_bytes"]}
     print("each phase's predicted peak: " + ", ".join(f"{k} {v / memory.GiB:.2f} GiB" for k, v in phases.items()))
     est |= {"sampling": sampling, "phases_bytes": phases}
+    if parallel.engine(cfg) == "fsdp":
+        units, root = shard_units(cfg)
+        per_rank = {n: memory.fsdp_peak(est["peak_bytes"], parts, n, max(units), root) for n in (2, 4, 8)}
+        print("torchrun with FSDP (parallelism='fsdp'), training step per rank: " + ", ".join(
+            f"{n} GPUs {v / memory.GiB:.2f} GiB" for n, v in per_rank.items()))
+        est["fsdp_per_rank_bytes"] = per_rank
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_estimate.json").write_text(json.dumps(est, indent=2) + "\n")

@@ -276,7 +276,10 @@ def test_fused_backward_refuses_what_it_cannot_do(project, tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         train.main(config(project, tmp_path, fused_backward=True, gradient_accumulation_steps=2))
     with pytest.raises(ValueError, match="before DDP averages"):
-        train.check_options(config(project, tmp_path, fused_backward=True), world=2)
+        train.check_options(config(project, tmp_path, fused_backward=True, parallelism="ddp"), world=2)
+    train.check_options(config(project, tmp_path, fused_backward=True, parallelism="fsdp"), world=2)  # reduced shards
+    with pytest.raises(ValueError, match="adapters and bitfit"):
+        train.check_options(config(project, tmp_path, model_type="lora", parallelism="fsdp"), world=2)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(project, tmp_path):
@@ -303,12 +306,11 @@ def test_crash_while_checkpointing_keeps_the_previous_one(project, tmp_path, mon
     real = train.save_weights
     calls = []
 
-    def flaky(unet, cfg, directory, source):
+    def flaky(unet, cfg, directory, *args):
         calls.append(directory)
+        real(unet, cfg, directory, *args)
         if len(calls) == 2:
-            real(unet, cfg, directory, source)
             raise OSError("disk full (simulated)")
-        real(unet, cfg, directory, source)
 
     monkeypatch.setattr(train, "save_weights", flaky)
     with pytest.raises(OSError, match="simulated"):
@@ -359,7 +361,7 @@ def torchrun(*args, nproc=2, timeout=300):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-@pytest.mark.parametrize("kind", ["full", "lora with dropout"])
+@pytest.mark.parametrize("kind", ["full, ddp", "full, fsdp", "lora with dropout"])
 def test_two_gloo_processes_equal_one(kind, project, tmp_path):
     """Two processes with half the batch each give the weights one process gets, up to float summation order.
 
@@ -372,7 +374,8 @@ def test_two_gloo_processes_equal_one(kind, project, tmp_path):
     runs apart by <= 3 * 1e-3 * 1e-6 / 1e-3 = 3e-6 (the later gradients' dependence on that is smaller still).
     A wrong split of the batch, the noise or the dropout masks changes the gradients by O(1): the updates then
     differ by ~lr (rank-alike masks: each rank's half drops what the other half drops)."""
-    kw = {} if kind == "full" else dict(model_type="lora", lora_rank=4, lora_dropout=0.5)
+    kw = dict(model_type="lora", lora_rank=4, lora_dropout=0.5) if kind.startswith("lora") else \
+        dict(parallelism=kind.split(", ")[1])
     cfg = config(project, tmp_path, max_train_steps=3, train_batch_size=4, checkpointing_steps=100, adam_epsilon=1e-3,
                  **kw)
     path = write_config(cfg, tmp_path / "c.py")
@@ -380,7 +383,7 @@ def test_two_gloo_processes_equal_one(kind, project, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun(ROOT / "train.py", path, f"--output_dir={tmp_path / 'two'}", "--train_batch_size=2")
     assert two.returncode == 0, two.stderr[-3000:]
-    if kind == "full":
+    if kind.startswith("full"):
         a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
         torch.manual_seed(cfg.seed)
         init = train.build(cfg.unet_config).state_dict()
@@ -418,7 +421,7 @@ sys.path.insert(0, {root!r})
 import train
 from config import parse_args
 
-step, save = train.train_step, train.save_checkpoint
+step, save = train.train_step, train.save_weights
 
 
 def train_step(r, batches):  # a preemption signal that reaches rank 1 alone, after step {signal_at}
@@ -428,13 +431,12 @@ def train_step(r, batches):  # a preemption signal that reaches rank 1 alone, af
     return row
 
 
-def save_checkpoint(r):  # a slow disk on rank 0
-    if r.rank == 0:
-        time.sleep({sleep})
-    return save(r)
+def save_weights(*args):  # a slow disk (rank 0 alone writes the weights)
+    time.sleep({sleep})
+    return save(*args)
 
 
-train.train_step, train.save_checkpoint = train_step, save_checkpoint
+train.train_step, train.save_weights = train_step, save_weights
 train.main(parse_args(sys.argv[1:], "driver"))
 """
 
@@ -445,10 +447,12 @@ def driver(tmp_path, signal_at=-1, sleep=0.0) -> Path:
     return path
 
 
-def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(project, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(engine, project, tmp_path):
     """Preemption reaches ranks at different steps, or one only: the ranks agree to stop after the same step, rank 0
     writes that step's checkpoint, every process exits 0, and the run resumes from it."""
-    cfg = config(project, tmp_path, max_train_steps=1000, checkpointing_steps=1000, train_batch_size=1)
+    cfg = config(project, tmp_path, max_train_steps=1000, checkpointing_steps=1000, train_batch_size=1,
+                 parallelism=engine)
     path = write_config(cfg, tmp_path / "c.py")
     stopped = torchrun(driver(tmp_path, signal_at=3), path)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
