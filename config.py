@@ -159,7 +159,13 @@ class Config:
     adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay")
     max_grad_norm: float | None = _opt(1.0, "clip the global gradient norm to this (None: no clipping)")
     use_ema: bool = _opt(False, "keep an exponential moving average of the trainable weights")
-    ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
+    ema_decay: float = _opt(0.999, "EMA decay per EMA update")
+    ema_update_interval: int = _opt(1, "update the EMA every this many optimizer steps")
+    ema_warmup_steps: int = _opt(0, "before this step the EMA copies the weights instead of averaging them")
+    ema_validation: Literal["none", "ema_only", "comparison"] = _opt(
+        "comparison", "with use_ema: validation grids of the raw weights (none), of the EMA (ema_only), or both "
+        "side by side with the same seeds (comparison)"
+    )
     max_nonfinite_steps: int = _opt(20, "stop after this many consecutive steps with a non-finite loss or gradient")
 
     # ---- run -------------------------------------------------------------------------------
@@ -172,7 +178,9 @@ class Config:
     checkpointing_steps: int = _opt(500, "save a checkpoint every this many steps")
     checkpoints_total_limit: int | None = _opt(None, "keep only the newest this many checkpoints (None: keep all)")
     logging_steps: int = _opt(10, "append to metrics.jsonl every this many steps")
-    report_to: Literal["none", "tensorboard"] = _opt("none", "also log to TensorBoard (if installed)")
+    report_to: Literal["none", "tensorboard", "wandb"] = _opt(
+        "none", "also log to TensorBoard or Weights & Biases (if installed; wandb: WANDB_MODE=offline to stay local)"
+    )
     push_to_hub: bool = _opt(False, "at the end, upload output_dir (weights, model card, samples; no checkpoints or "
                                     "training state) to hub_model_id; a failed upload never fails the run")
     hub_model_id: str | None = _opt(None, "the Hub model repo to upload to, 'user/name' (created if missing); log in "

@@ -215,7 +215,11 @@ def card_text(cfg: Config, variance: str, *, repo_id: str | None = None, folder:
         what = f"{unet[0].upper()}{unet[1:]}, {'its biases' if cfg.use_bitfit else 'every weight'} fine-tuned"
         files = "`unet/` (the U-Net, diffusers' layout) and `scheduler/` (its sampler config)"
     job = "draws 64 px images from text" if cfg.stage == 1 else "upscales stage I's 64 px images 4x, to 256 px"
-    at = f" This is the checkpoint at step {step}." if step != cfg.max_train_steps else ""
+    checkpoint = Path(folder).name.startswith("checkpoint-")
+    at = f" This is the checkpoint at step {step}." if checkpoint or step != cfg.max_train_steps else ""
+    if cfg.use_ema:  # checkpoints hold the raw weights (the EMA is in their training state); the end, the EMA's
+        at += (" These are the raw trained weights, not their EMA." if checkpoint else
+               f" These are the EMA of the trained weights (decay {cfg.ema_decay:g}), not the raw ones.")
     out = [f"# {name}", "",
            f"{what} (DeepFloyd IF's stage {stage} {job}), trained with if-tune for {cfg.max_train_steps} steps.{at} "
            f"Files: {files}.", ""]

@@ -434,6 +434,16 @@ class AdamW:
             self.master.copy_(flat)
 
     @torch.no_grad()
+    def swap_weights(self, other: torch.Tensor) -> None:
+        """Exchange the weights with `other` (laid out as weights() gives them, e.g. the EMA), a piece at a time, so
+        no third copy of the weights exists; swapping again restores both bit for bit (the fp32 masters, if any,
+        are not touched: the swapped-in weights are only looked at)."""
+        for s, w in self._pieces():
+            kept = w.clone()
+            w.copy_(other[s])
+            other[s].copy_(kept)
+
+    @torch.no_grad()
     def update_ema(self, ema: torch.Tensor, decay: float, generator=None) -> None:
         """ema <- decay * ema + (1 - decay) * weights (ema_update), `ema` laid out as weights() gives them."""
         for s, w in self._pieces():

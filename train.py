@@ -250,7 +250,8 @@ def setup(cfg: Config) -> Run:
     if resume is not None:
         load_checkpoint(resume, r)
     if rank == 0:
-        r.metrics = Metrics(out, cfg.report_to, resumed_at=r.step if resume is not None else None)
+        r.metrics = Metrics(out, cfg.report_to, resumed_at=r.step if resume is not None else None,
+                            config=cfg.to_dict(), run_id=wandb_id(out))
         if resume is not None:
             print(f"resumed from {resume} at step {r.step}")
         print(f"training {sum(p.numel() for p in params):,} parameters ({cfg.model_type}"
@@ -301,8 +302,9 @@ def train_step(r: Run, batches) -> dict:
             if cfg.max_grad_norm is not None:
                 r.opt.clip_grad_(cfg.max_grad_norm, norm)
             r.opt.step(lr)
-        if r.ema is not None:
-            r.opt.update_ema(r.ema, cfg.ema_decay, r.rngs["rounding"])
+        if r.ema is not None and (r.step + 1) % cfg.ema_update_interval == 0:  # r.step + 1: the step just taken
+            decay = cfg.ema_decay if r.step + 1 > cfg.ema_warmup_steps else 0.0  # warm-up: the EMA is the weights
+            r.opt.update_ema(r.ema, decay, r.rngs["rounding"])
         r.nonfinite = 0
     else:  # skip the update, keep going; many in a row means something is broken
         r.nonfinite, r.skipped = r.nonfinite + 1, r.skipped + 1
@@ -321,7 +323,8 @@ def train_step(r: Run, batches) -> dict:
 
 
 
-def save_weights(unet: UNet, cfg: Config, directory: Path, source: str, state_dict: dict | None = None) -> None:
+def save_weights(unet: UNet, cfg: Config, directory: Path, source: str, state_dict: dict | None = None,
+                 ema: bool = False) -> None:
     """The trained weights in their final format: a LoRA file diffusers loads (with use_bitfit, plus the trained
     biases in the file beside it that the LoRA file names, see lora.py), or, for model_type='full' (all weights, or
     with use_bitfit only the biases), a complete diffusers unet/ + scheduler/ folder that sample.py and diffusers
@@ -329,6 +332,7 @@ def save_weights(unet: UNet, cfg: Config, directory: Path, source: str, state_di
     variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
     meta = {"variance_trained": str(variance == "learned_range").lower(), "base_model": source, "stage": str(cfg.stage)}
     meta |= {"base_quantised": "int8"} if cfg.quantise_base else {}  # sample.py then samples on the int8 base too
+    meta |= {"ema": "true"} if ema else {}  # the final weights of a use_ema run are the EMA (checkpoints: the raw)
     if cfg.model_type == "lora":
         lora.save_lora(unet, directory / LORA_FILE, metadata=meta, biases=cfg.use_bitfit)
         return
@@ -497,9 +501,11 @@ def check_validation(cfg: Config, unet: UNet, loader) -> None:
 
 
 @torch.no_grad()
-def validate(r: Run) -> Path:
+def validate(r: Run, tag: str = "", beside: Path | None = None) -> Path:
     """Stage I: each validation prompt at each validation size; stage II: each of the first num_eval_images
-    held-out images (low-res | upscaled | original) at each size. The same seed for every image."""
+    held-out images (low-res | upscaled | original) at each size. The same seed for every image. `tag` names the
+    weights in the labels (ema); `beside`: an earlier grid of this step, which the new one is put to the right
+    of, with the same seeds (the comparison of raw and EMA weights)."""
     cfg, unet, device, dtype = r.cfg, r.unet, r.device, r.dtype
     unet.eval()
     variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
@@ -514,7 +520,7 @@ def validate(r: Run) -> Path:
                 x = sample.stage1(unet, r.cache.get([prompt]).to(device, dtype), neg, height=h, width=w,
                                   steps=cfg.validation_num_inference_steps, variance=variance, generator=gen, **kw)
                 images += data.to_pil(x)
-                labels.append(f"{prompt} ({w}x{h})")
+                labels.append(f"{tag + ': ' if tag else ''}{prompt} ({w}x{h})")
     else:
         if cfg.validation_noise_level is not None:
             kw["noise_level"] = cfg.validation_noise_level
@@ -528,11 +534,20 @@ def validate(r: Run) -> Path:
                 up = F.interpolate(item["low_res"][None].float(), size=(h, w), mode="nearest")
                 images += data.to_pil(torch.cat([up, x.float().cpu(), item["pixels"][None].float()]))
                 seen = "held out" if i in r.loader.held_out else "a training image"
-                labels += [f"low-res ({seen}): {item['caption']}", f"upscaled {w}x{h}", "original"]
+                labels += [f"low-res ({seen}): {item['caption']}", f"{tag + ' ' if tag else ''}upscaled {w}x{h}",
+                           "original"]
     path = r.out / "samples" / f"step-{r.step:06d}.png"
     if r.rank == 0:  # (sharded, every rank made the same grid)
+        from PIL import Image
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.image_grid(images, labels, cols=len(sizes) if cfg.stage == 1 else 3).save(path)
+        grid = data.image_grid(images, labels, cols=len(sizes) if cfg.stage == 1 else 3)
+        if beside is not None:
+            left = Image.open(beside)
+            both = Image.new("RGB", (left.width + grid.width, max(left.height, grid.height)), "white")
+            both.paste(left), both.paste(grid, (left.width, 0))
+            grid = both
+        grid.save(path)
     unet.train()
     return path
 
@@ -568,7 +583,14 @@ def evaluate(r: Run, grids: bool = True) -> None:
         if r.metrics is not None:
             r.metrics.write({"step": r.step, "eval_loss": value})
     if grids and (r.cfg.validation_prompts or r.cfg.stage == 2):
-        path = validate(r)
+        mode = r.cfg.ema_validation if r.ema is not None else "none"
+        path = validate(r) if mode != "ema_only" else None
+        if mode != "none":
+            r.opt.swap_weights(r.ema)  # the EMA weights in place of the raw ones, then back (bit for bit)
+            try:
+                path = validate(r, "ema" if mode == "comparison" else "", beside=path)
+            finally:
+                r.opt.swap_weights(r.ema)
         if r.metrics is not None:
             r.metrics.image(path, r.step)
 
@@ -645,7 +667,7 @@ def run(cfg: Config, stop: list) -> dict:
             r.opt.load_weights(r.ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
         whole = parallel.full_state_dict(r.unet) if r.sharded else None  # every rank sends its shards to rank 0
     if r.rank == 0 and not stopping:
-        save_weights(r.unet, cfg, r.out, r.source, whole)
+        save_weights(r.unet, cfg, r.out, r.source, whole, ema=r.ema is not None)
         seconds = time.time() - t0
         peak = torch.cuda.max_memory_allocated() if r.device.type == "cuda" else _peak_rss()
         summary |= {"seconds": round(seconds, 1), "peak_memory_gib": round(peak / 2**30, 2),
@@ -808,12 +830,20 @@ def dry_run(cfg: Config) -> dict:
     return est
 
 
+def wandb_id(out: Path) -> str:
+    """One Weights & Biases run per output_dir, so a resumed run logs on in the run it continues."""
+    import hashlib
+
+    return "if-tune-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+
+
 class Metrics:
     """metrics.jsonl (one JSON object per line), and TensorBoard scalars and grids with report_to='tensorboard'.
     A resumed run first drops what the interrupted one logged after its checkpoint (`resumed_at`), so each step is
     in the log once."""
 
-    def __init__(self, out: Path, report_to: str, resumed_at: int | None = None):
+    def __init__(self, out: Path, report_to: str, resumed_at: int | None = None, config: dict | None = None,
+                 run_id: str | None = None):
         path = out / "metrics.jsonl"
         if resumed_at is not None and path.exists():
             lines = path.read_text().splitlines(keepends=True)
@@ -821,7 +851,14 @@ class Metrics:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(rows))
             os.replace(tmp, path)
-        self.file, self.tb = open(path, "a"), None
+        self.file, self.tb, self.wandb = open(path, "a"), None, None
+        if report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("report_to='wandb' needs Weights & Biases: pip install wandb") from e
+            self.wandb = wandb.init(project="if-tune", name=out.name, dir=str(out), config=config,
+                                    resume="allow", id=run_id)
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -835,6 +872,8 @@ class Metrics:
         if self.tb:
             for key in row.keys() - {"step"}:
                 self.tb.add_scalar(key, row[key], row["step"])
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def image(self, png: Path, step: int) -> None:
         if self.tb:
@@ -842,11 +881,17 @@ class Metrics:
             from PIL import Image
 
             self.tb.add_image("validation", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"validation": wandb.Image(str(png))}, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def _peak_rss() -> int:

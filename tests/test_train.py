@@ -306,9 +306,9 @@ def test_crash_while_checkpointing_keeps_the_previous_one(project, tmp_path, mon
     real = train.save_weights
     calls = []
 
-    def flaky(unet, cfg, directory, *args):
+    def flaky(unet, cfg, directory, *args, **kw):
         calls.append(directory)
-        real(unet, cfg, directory, *args)
+        real(unet, cfg, directory, *args, **kw)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
 
@@ -431,9 +431,9 @@ def train_step(r, batches):  # a preemption signal that reaches rank 1 alone, af
     return row
 
 
-def save_weights(*args):  # a slow disk (rank 0 alone writes the weights)
+def save_weights(*args, **kwargs):  # a slow disk (rank 0 alone writes the weights)
     time.sleep({sleep})
-    return save(*args)
+    return save(*args, **kwargs)
 
 
 train.train_step, train.save_weights = train_step, save_weights
@@ -665,9 +665,9 @@ def test_bitfit_weights_load_where_sample_py_loads(model_type, project, tmp_path
                  lora_rank=4)
     seen, real = [], train.save_weights
 
-    def keep(unet, *a):
+    def keep(unet, *a, **k):
         seen.append(unet)
-        real(unet, *a)
+        real(unet, *a, **k)
 
     monkeypatch.setattr(train, "save_weights", keep)
     train.main(cfg)
@@ -757,3 +757,59 @@ def test_cards_are_written_and_uploads_never_fail_the_run(project, tmp_path, mon
     assert "upload of" in capsys.readouterr().out and (out / train.LORA_FILE).is_file()  # the failure, reported
     with pytest.raises(ValueError, match="hub_model_id"):
         train.check_options(config(project, tmp_path, push_to_hub=True), world=1)
+
+
+def test_ema_interval_warmup_validation_and_final_weights(project, tmp_path, monkeypatch):
+    """The EMA copies the weights until ema_warmup_steps, then averages them every ema_update_interval steps (checked
+    against the same recursion on the recorded weights); ema_validation='comparison' puts the EMA's grid beside the
+    raw one and leaves the training exactly as without it (the swap restores the weights bit for bit); the final
+    LoRA is the EMA and says so."""
+    kw = dict(model_type="lora", lora_rank=4, max_train_steps=6, checkpointing_steps=6, use_ema=True, ema_decay=0.5,
+              ema_update_interval=2, ema_warmup_steps=2, validation_prompts=["a red square"], validation_steps=3,
+              validation_num_inference_steps=2, validation_resolution="32")
+    seen, step = [], train.train_step
+
+    def record(r, batches):
+        row = step(r, batches)
+        seen.append((r.opt.weights().clone(), r.ema.clone()))
+        return row
+
+    monkeypatch.setattr(train, "train_step", record)
+    train.main(config(project, tmp_path, output_dir=str(tmp_path / "cmp"), **kw))
+    ema = seen[0][1] * 0  # what the EMA must be after each step (it starts as the weights; the first update copies)
+    for s, (w, got) in enumerate(seen, start=1):
+        if s % 2 == 0:
+            ema = w.clone() if s <= 2 else ema.lerp(w, 0.5)
+            torch.testing.assert_close(got, ema, rtol=0, atol=1e-7)  # lerp in fp32 on both sides
+    assert not torch.equal(seen[-1][0], seen[-1][1])  # the average is not the last weights
+    seen.clear()
+    train.main(config(project, tmp_path, output_dir=str(tmp_path / "raw"), ema_validation="none", **kw))
+    a, b = (load_file(str(tmp_path / d / "checkpoint-6" / train.LORA_FILE)) for d in ("cmp", "raw"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validating the EMA changed nothing of the training
+    grids = [Image.open(tmp_path / d / "samples" / "step-000006.png") for d in ("cmp", "raw")]
+    assert grids[0].width == 2 * grids[1].width and grids[0].height == grids[1].height
+    assert lora.read_lora_metadata(tmp_path / "cmp" / train.LORA_FILE)["ema"] == "true"
+    assert "ema" not in lora.read_lora_metadata(tmp_path / "cmp" / "checkpoint-6" / train.LORA_FILE)
+    final = load_file(str(tmp_path / "cmp" / train.LORA_FILE))
+    assert not all(torch.equal(final[k], a[k]) for k in a)  # the EMA, not the raw weights of checkpoint-6
+
+
+def test_wandb_gets_the_scalars_and_grids_metrics_jsonl_gets(project, tmp_path, monkeypatch):
+    """report_to='wandb' logs what metrics.jsonl logs, at the same steps, and the grids (wandb stood in for: the
+    calls are what is tested, nothing reaches the network)."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    run = types.SimpleNamespace(log=lambda row, step: calls.append((step, row)), finish=lambda: calls.append("end"))
+    fake.init = lambda **kw: calls.append(("init", kw)) or run
+    fake.Image = lambda path: ("image", path)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = config(project, tmp_path, report_to="wandb", max_train_steps=2, validation_prompts=["a red square"],
+                 validation_steps=2, validation_num_inference_steps=2, validation_resolution="32")
+    train.main(cfg)
+    assert calls[0][0] == "init" and calls[0][1]["config"]["max_train_steps"] == 2 and calls[-1] == "end"
+    rows = [json.loads(x) for x in open(Path(cfg.output_dir) / "metrics.jsonl")]
+    logged = [(s, r) for s, r in calls[1:-1] if "validation" not in r]
+    assert [(s, set(r)) for s, r in logged] == [(row["step"], set(row) - {"step"}) for row in rows]
+    assert any(s == 2 and r.get("validation", [None])[0] == "image" for s, r in calls[1:-1])
