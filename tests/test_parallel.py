@@ -53,10 +53,18 @@ def test_sharded_checkpoints_resume_exactly_and_on_another_world_size(project, t
         assert max((a[k] - other[k]).abs().max().item() for k in a) < 1e-5, out
 
 
-def test_a_sharded_checkpoint_is_refused_without_fsdp(project, tmp_path):  # noqa: F811
-    cfg = config(project, tmp_path, max_train_steps=2, checkpointing_steps=2, parallelism="fsdp")
+def test_sharded_ranks_validate_together_and_the_checkpoint_needs_fsdp(project, tmp_path):  # noqa: F811
+    """Sharded, every rank runs the validation forwards (each gathers the weights): the held-out loss, the raw and
+    the EMA grid are written by rank 0 and the run ends; its checkpoint, given to an unsharded run, is refused with
+    how to resume it."""
+    cfg = config(project, tmp_path, max_train_steps=2, checkpointing_steps=2, parallelism="fsdp", use_ema=True,
+                 validation_steps=2, validation_prompts=["a red square"], validation_num_inference_steps=2,
+                 validation_resolution="32", validation_loss_images=2)
     path = write_config(cfg, tmp_path / "c.py")
-    done = torchrun(ROOT / "train.py", path, nproc=1)
+    done = torchrun(ROOT / "train.py", path, "--train_batch_size=1")
     assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2]
+    assert (tmp_path / "out" / "samples" / "step-000002.png").is_file()
     with pytest.raises(ValueError, match="resume it under torchrun with parallelism='fsdp'"):
-        train.main(config(project, tmp_path, max_train_steps=4, resume_from_checkpoint="latest"))
+        train.main(config(project, tmp_path, max_train_steps=4, resume_from_checkpoint="latest", use_ema=True))
