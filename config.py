@@ -145,6 +145,27 @@ class Config:
     caption_dropout_probability: float = _opt(0.1, "probability to train on the empty caption (keeps CFG working)")
     noise_aug_range: tuple = _opt((0, 1000), "stage II: low-res noise level drawn uniformly in [lo, hi) per sample")
 
+    # ---- prior preservation (DreamBooth) and regularisation data ------------------------------
+    with_prior_preservation: bool = _opt(
+        False, "DreamBooth: each step also trains train_batch_size class images of class_prompt (a second forward);"
+        " loss = instance loss + prior_loss_weight * prior_loss"
+    )
+    class_data_dir: str | None = _opt(
+        None, "prior preservation: the class images (+ .txt); stage I draws the missing ones up to num_class_images "
+        "with the base model; stage II cannot: supply them at its resolution"
+    )
+    class_prompt: str | None = _opt(None, "prior preservation: every class image's caption, e.g. 'a photo of a dog'")
+    num_class_images: int = _opt(100, "prior preservation: at least this many class images (every one found trains)")
+    prior_loss_weight: float = _opt(1.0, "prior preservation: weight of the class images' loss")
+    sample_batch_size: int = _opt(
+        4, "prior preservation: class images per sampler call (drawn with validation_num_inference_steps, "
+        "validation_guidance and validation_negative_prompt)"
+    )
+    regularisation_loss_weight: float = _opt(
+        1.0, "datasets with is_regularisation_data=True: weight of their loss, the MSE of the output to the base "
+        "model's own (LoRA off; every output channel)"
+    )
+
     # ---- optimizer and schedule ------------------------------------------------------------
     learning_rate: float = _opt(4e-5, "peak learning rate")
     lr_end: float = _opt(4e-6, "final learning rate for decaying schedules")

@@ -76,6 +76,9 @@ DEFAULTS = {
     "repeats": 0,  # extra passes per epoch (SimpleTuner: 0 means each image once)
     "probability": None,  # share of each epoch's batches relative to the others' (1 if unset); none set: by size
     "held_out": False,  # True: never trained on; its images are the first validation pictures (validation_loss_images)
+    # True: SimpleTuner's "parent-teacher" regularisation: these images train the LoRA to keep the base model's own
+    # prediction (train.py; batches say which samples are such, under "regularisation")
+    "is_regularisation_data": False,
 }
 CHOICES = {"resolution_type": ("pixel", "area"), "crop_aspect": ("square", "preserve", "closest", "random"),
            "crop_style": ("random", "center", "corner"), "caption_strategy": ("filename", "textfile", "instanceprompt")}
@@ -701,7 +704,8 @@ class Items:
         path, w, h, caps, d = self.entries[i]
         rng = random.Random(key)  # seeded by (seed, epoch, position): independent of workers
         img = load_item(path, (bw, bh), crop_box((w, h), (bw, bh), self.datasets[d], rng))
-        item = {"pixels": _chw(img), "caption": caps[rng.randrange(len(caps))]}
+        item = {"pixels": _chw(img), "caption": caps[rng.randrange(len(caps))],
+                "regularisation": bool(self.datasets[d]["is_regularisation_data"])}
         if self.stage == 2:
             item["low_res"] = _chw(resize(img, (bw // 4, bh // 4)))
         return item
@@ -713,7 +717,8 @@ def _chw(img: Image.Image) -> torch.Tensor:
 
 
 class Loader:
-    """Batches {'pixels': [B,3,H,W] in [-1,1], 'captions': [str] * B, stage II also 'low_res' [B,3,H/4,W/4]}.
+    """Batches {'pixels': [B,3,H,W] in [-1,1], 'captions': [str] * B, 'regularisation': [B] bool (the sample is of
+    an is_regularisation_data dataset), stage II also 'low_res' [B,3,H/4,W/4]}.
 
     Two ways to draw them. `for batch in loader` (iter()) is PyTorch's convention: the rest of the current epoch,
     then it stops; the next iter() continues with the next epoch (in new worker processes). `loader.stream()`
@@ -875,6 +880,30 @@ def _quota(sizes: list[int], probabilities: list) -> list[int]:
 
 def make_loader(cfg: Config, rank=0, world_size=1) -> Loader:
     return Loader(cfg, rank, world_size)
+
+
+def class_dataset(cfg: Config) -> dict:
+    """Prior preservation's dataset: class_data_dir, every image captioned class_prompt, at the resolution and with
+    the crop options of the first trained dataset, so class and instance images are prepared alike."""
+    first = next(ds for ds in load_datasets(cfg) if not ds["held_out"])
+    same = ("resolution", "resolution_type", "crop", "crop_aspect", "crop_aspect_buckets", "crop_style",
+            "maximum_image_size", "target_downsample_size")
+    return {"id": "class images", "instance_data_dir": cfg.class_data_dir, "caption_strategy": "instanceprompt",
+            "instance_prompt": cfg.class_prompt, **{k: first[k] for k in same}}
+
+
+def make_class_loader(cfg: Config, rank=0, world_size=1) -> Loader:
+    """A second Loader over class_dataset(cfg), streamed beside the instance loader one batch for one: its own
+    seeded plan and its own state_dict, so a resume continues both exactly. Its skipped.txt is output_dir/class/'s;
+    its scan cache is the instance loader's."""
+    import dataclasses
+
+    import t5cache
+
+    own = dataclasses.replace(cfg, datasets=[class_dataset(cfg)], validation_loss_images=0,
+                              output_dir=str(Path(cfg.output_dir) / "class"),
+                              text_cache_dir=t5cache.default_cache_dir(cfg))
+    return Loader(own, rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -496,11 +496,12 @@ def prepare(cfg, captions: list[str], *, progress: bool = True) -> TextCache:
 
 def run_captions(cfg) -> list[str]:
     """Every caption a training run can ask the cache for: the datasets', the validation prompts, both negative
-    prompts and "" (caption dropout); deduplicated, in a stable order."""
+    prompts and "" (caption dropout), with prior preservation the class prompt; deduplicated, in a stable order."""
     import data  # here, not at the top: the encoder and the cache need none of the image code
 
-    return list(dict.fromkeys([*data.all_captions(cfg), *cfg.validation_prompts, cfg.validation_negative_prompt,
-                               cfg.negative_prompt, ""]))
+    prior = [cfg.class_prompt] if cfg.with_prior_preservation and cfg.class_prompt else []
+    return list(dict.fromkeys([*data.all_captions(cfg), *prior, *cfg.validation_prompts,
+                               cfg.validation_negative_prompt, cfg.negative_prompt, ""]))
 
 
 def default_cache_dir(cfg) -> str:
