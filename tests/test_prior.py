@@ -141,3 +141,21 @@ def test_regularisation_flags_follow_the_samples_on_every_rank(project, tmp_path
     assert {tuple(f) for f in flags} == {(True,) * 4, (False,) * 4}  # a batch comes from one dataset
     for rank, loader in enumerate(halves):
         assert [b["regularisation"].tolist() for b in loader] == [f[2 * rank : 2 * rank + 2] for f in flags]
+
+
+def test_two_processes_draw_the_class_images_once_and_train_as_one(project, tmp_path):  # noqa: F811
+    """Under torchrun rank 0 draws the class images while the other waits, and two processes with half the batch
+    each (instance and class) give the LoRA one process gives (within test_train's two-process bound)."""
+    from test_train import run, torchrun, write_config
+
+    cfg = prior_config(project, tmp_path, max_train_steps=2, train_batch_size=4, adam_epsilon=1e-3,
+                       mixed_precision="fp32")
+    path = write_config(cfg, tmp_path / "c.py")
+    two = torchrun(train.__file__, path, f"--output_dir={tmp_path / 'two'}", "--train_batch_size=2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 3 == len(list((tmp_path / "class").glob("*.txt")))
+    one = run(path, f"--output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in ("one", "two"))
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 5e-4  # training moved B off zero
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
