@@ -15,7 +15,6 @@ What it does differently from the popular trainers (docs/if.md, section 5):
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -25,7 +24,6 @@ import shutil
 import signal
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ import diffusion
 import hub
 import lora
 import parallel
+import prior
 import quant
 import sample
 import t5cache
@@ -197,7 +196,7 @@ def check_options(cfg: Config, world: int) -> None:
     if (cfg.push_to_hub or cfg.push_checkpoints_to_hub) and not cfg.hub_model_id:
         raise ValueError("push_to_hub / push_checkpoints_to_hub upload to hub_model_id: set it, e.g. "
                          "hub_model_id='user/corgi-lora'")
-    check_prior_options(cfg)
+    prior.check_options(cfg)
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
@@ -216,86 +215,6 @@ def check_options(cfg: Config, world: int) -> None:
     if world > 1 and parallel.engine(cfg) == "ddp":
         raise ValueError("fused_backward would step on each rank's own gradient, before DDP averages it: use "
                          "parallelism='fsdp' (it steps on the reduced shards), or turn fused_backward off")
-
-
-def regularised(cfg: Config) -> bool:
-    """Whether a dataset of cfg is_regularisation_data (read from the config alone)."""
-    return bool(cfg.datasets) and any(ds["is_regularisation_data"] for ds in data.load_datasets(cfg, need_images=False))
-
-
-def check_prior_options(cfg: Config) -> None:
-    """Refuse prior preservation without what it needs, and regularisation data where the base model's prediction
-    cannot be had by switching an adapter off."""
-    if cfg.with_prior_preservation:
-        if not cfg.class_data_dir or not cfg.class_prompt:
-            raise ValueError("with_prior_preservation needs class_data_dir (the folder that holds, or will hold, the "
-                             "class images) and class_prompt (their caption, e.g. 'a photo of a dog')")
-        if cfg.num_class_images < 1 or cfg.sample_batch_size < 1:
-            raise ValueError("num_class_images and sample_batch_size must be at least 1")
-        if cfg.fused_backward:
-            raise ValueError("fused_backward steps each weight as soon as its gradient is complete, and prior "
-                             "preservation backpropagates the instance and the class batch one after the other (their "
-                             "buckets may differ): turn fused_backward or with_prior_preservation off")
-    if not regularised(cfg):
-        return
-    if cfg.model_type == "full" and not cfg.use_bitfit:
-        raise ValueError("is_regularisation_data trains towards the base model's own prediction; a full fine-tune "
-                         "changes the base itself, so it would need a frozen copy of the whole U-Net beside the "
-                         "trained one (its weights again: 2 bytes a parameter in bf16, 8.6 GB more for IF-I-XL). Use "
-                         "model_type='lora' (the base is the LoRA switched off), or drop is_regularisation_data")
-    if cfg.use_bitfit:
-        raise ValueError("is_regularisation_data asks the base model by switching the LoRA off, and bitfit's trained "
-                         "biases cannot be switched off: set use_bitfit=False, or drop is_regularisation_data")
-
-
-def make_class_images(cfg: Config, unet: UNet, cache, device, dtype, rank: int, group, sharded: bool) -> int:
-    """Prior preservation's class images: stage I draws what class_data_dir lacks of num_class_images with the base
-    model (the U-Net as set up, before training or a resume, its LoRA switched off), sample_batch_size at a time,
-    each saved as it is made (class-NNNNN.png + .txt holding class_prompt), so an interrupted run draws only the rest.
-    Rank 0 draws (sharded, every rank runs the forwards and rank 0 writes) while the others wait. Stage II cannot
-    draw (it upscales stage I's pictures): its class images must be in the folder. Returns how many were drawn."""
-    from tqdm import tqdm
-
-    folder = Path(cfg.class_data_dir)
-    have = len(data.list_images({"instance_data_dir": folder})) if folder.is_dir() else 0
-    missing = max(0, cfg.num_class_images - have)
-    if missing and cfg.stage == 2:
-        raise ValueError(f"class_data_dir {folder} holds {have} images and num_class_images={cfg.num_class_images}; "
-                         f"stage II cannot draw class images itself (it upscales stage I's). Put {missing} more images "
-                         f"of {cfg.class_prompt!r} there, at least {data.class_dataset(cfg)['resolution']} px (e.g. "
-                         "sample.py with --stage2 on the class prompt), or lower num_class_images")
-    parallel.wait_for_rank0(group, cfg, "every rank to count the class images")  # before rank 0 adds any
-    if missing and (rank == 0 or sharded):
-        ds = data.class_dataset(cfg)
-        w, h = data.bucket_size(1.0, ds["resolution"], ds["resolution_type"], data.BUCKET_MULTIPLE[1])
-        text = cache.get([cfg.class_prompt]).to(device, dtype)
-        neg = cache.get([cfg.validation_negative_prompt]).to(device, dtype)
-        kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}
-        variance = diffusion.sampler_variance("hybrid", unet.config["out_channels"])  # the base's own variance head
-        folder.mkdir(parents=True, exist_ok=True)
-        if cfg.model_type == "lora":
-            lora.set_lora_scale(unet, 0.0)
-        unet.eval()
-        names = (folder / f"class-{i:05d}" for i in itertools.count() if not (folder / f"class-{i:05d}.png").exists())
-        try:
-            for done in tqdm(range(0, missing, cfg.sample_batch_size), desc="class images", disable=rank != 0):
-                n = min(cfg.sample_batch_size, missing - done)  # seeded by its first image's number: reproducible
-                gen = torch.Generator(device).manual_seed(zlib.crc32(f"{cfg.seed}:class:{have + done}".encode()))
-                x = sample.stage1(unet, text.expand(n, -1, -1), neg, height=h, width=w, variance=variance,
-                                  steps=cfg.validation_num_inference_steps, generator=gen, **kw)
-                for image in data.to_pil(x) if rank == 0 else ():
-                    name = next(names)
-                    name.with_suffix(".txt").write_text(cfg.class_prompt + "\n")  # the caption first: then the PNG
-                    image.save(name.with_suffix(".png.tmp"), format="PNG")  # whole or not at all, so a count is right
-                    os.replace(name.with_suffix(".png.tmp"), name.with_suffix(".png"))
-        finally:
-            unet.train()
-            if cfg.model_type == "lora":
-                lora.set_lora_scale(unet, 1.0)
-        del x
-        sample.free_memory(device)
-    parallel.wait_for_rank0(group, cfg, f"the {missing} class images rank 0 draws")
-    return missing
 
 
 def setup(cfg: Config) -> Run:
@@ -321,7 +240,7 @@ def setup(cfg: Config) -> Run:
     check_validation(cfg, unet, loader)
     class_loader = None
     if cfg.with_prior_preservation:  # from the base model, before any training or resumed state changes it
-        make_class_images(cfg, unet, cache, device, dtype, rank, group, sharded)
+        prior.make_class_images(cfg, unet, cache, device, dtype, rank, group, sharded)
         class_loader = data.make_class_loader(cfg, rank, world)
     # sharded, every rank takes part in validation (each forward gathers the weights), so each needs its pictures
     eval_items = [loader.items[loader.eval_request(i)] for i in loader.held_out] if rank == 0 or sharded else []
@@ -335,7 +254,7 @@ def setup(cfg: Config) -> Run:
     opt = optimizer_for(cfg, params, rngs["rounding"])
     r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
             opt.weights() if cfg.use_ema else None, rngs, eval_items, group=group, sharded=sharded,
-            class_loader=class_loader, regularised=regularised(cfg))
+            class_loader=class_loader, regularised=prior.regularised(cfg))
     resume = find_checkpoint(cfg)
     if resume is not None:
         load_checkpoint(resume, r)
@@ -364,31 +283,13 @@ def loss_options(cfg: Config, weighted: bool = True) -> dict:
     return options
 
 
-@torch.no_grad()
-def base_prediction(unet: UNet, x_in, t, text, level) -> torch.Tensor:
-    """The base model's own output for these inputs, regularisation data's target: the U-Net with its LoRA switched
-    off (scale 0 skips the adapters, their dropout and DoRA's magnitudes), then switched back on."""
-    lora.set_lora_scale(unet, 0.0)
-    try:
-        return unet(x_in, t, text, noise_level=level)
-    finally:
-        lora.set_lora_scale(unet, 1.0)
-
-
-def with_class_batches(batches, class_batches):
-    """Prior preservation: each instance batch with a class batch under "class", one drawn for one, so both loaders
-    count the same number of batches handed out and a checkpoint's two states agree."""
-    for batch in batches:
-        yield {**batch, "class": next(class_batches)}
-
-
 def train_step(r: Run, batches) -> dict:
     """One optimizer step: gradient_accumulation_steps micro-batches from `batches`, then the clipped AdamW update,
     skipped (and counted) when the loss or the gradient is not finite. Advances r.step; returns what the log shows
     (tensors, so nothing waits for the device until it is logged).
 
     Samples of is_regularisation_data datasets train on the MSE, over every output channel (the variance ones
-    too), between the output and the base model's own (base_prediction, one forward without gradients on those
+    too), between the output and the base model's own (prior.base_prediction, one forward without gradients on those
     samples only), weighted by regularisation_loss_weight, instead of the diffusion loss. The logged parts (mse,
     vlb, regularisation_loss) are each their share of the mean per-sample loss, so with prior preservation's
     prior_loss (the mean loss of the class batch, a forward and backward of its own since its bucket may differ from
@@ -407,7 +308,7 @@ def train_step(r: Run, batches) -> dict:
         reg = batch.get("regularisation") if r.regularised else None
         reg = reg.to(r.device) if reg is not None and bool(reg.any()) else None  # (a CPU tensor: no device sync)
         if reg is not None:
-            base = base_prediction(r.unet, x_in[reg], t[reg], text[reg], None if level is None else level[reg])
+            base = prior.base_prediction(r.unet, x_in[reg], t[reg], text[reg], None if level is None else level[reg])
         # the gradients are reduced across ranks once, at the last backward of the step
         with parallel.gradient_sync(r.model, last and "class" not in batch):
             output = r.model(x_in, t, text, noise_level=level)
@@ -426,9 +327,9 @@ def train_step(r: Run, batches) -> dict:
             text = text_for(c["captions"], r.cache, cfg, r.rngs["python"], r.world, r.rank, r.device, r.dtype)
             with parallel.gradient_sync(r.model, last):
                 output = r.model(x_in, t, text, noise_level=level)
-                prior = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **loss_options(cfg))
-                (cfg.prior_loss_weight * prior.mean() / n_micro).backward()
-            parts = {**parts, "prior_loss": prior.detach()}
+                class_loss = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **loss_options(cfg))
+                (cfg.prior_loss_weight * class_loss.mean() / n_micro).backward()
+            parts = {**parts, "prior_loss": class_loss.detach()}
         for k, v in parts.items():
             terms[k] = terms.get(k, 0.0) + v.mean() / n_micro
     # the norm of the all-reduced gradient: every rank takes the same decision. Fused, the update is done and the
@@ -776,7 +677,7 @@ def run(cfg: Config, stop: list) -> dict:
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * r.world
     batches, t0, start = r.loader.stream(), time.time(), r.step
     if r.class_loader is not None:
-        batches = with_class_batches(batches, r.class_loader.stream())
+        batches = prior.with_class_batches(batches, r.class_loader.stream())
     bar = tqdm(total=cfg.max_train_steps, initial=r.step, disable=r.rank != 0, dynamic_ncols=True)
     stopping = parallel.agree_to_stop(r.group, stop)
     while r.step < cfg.max_train_steps and not stopping:

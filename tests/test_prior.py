@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from test_train import config, project  # noqa: F401  (project is a fixture)
 
 import data
+import prior
 import sample
 import train
 
@@ -79,7 +80,7 @@ def test_prior_and_regularisation_options_are_checked(project, tmp_path):  # noq
         train.check_options(prior_config(project, tmp_path, fused_backward=True), world=1)
     with pytest.raises(ValueError, match="stage II cannot draw"):
         cfg = prior_config(project, tmp_path, stage=2, unet_config=None)
-        train.make_class_images(cfg, None, None, "cpu", torch.float32, 0, None, False)
+        prior.make_class_images(cfg, None, None, "cpu", torch.float32, 0, None, False)
     with pytest.raises(ValueError, match="frozen copy of the whole U-Net"):
         train.check_options(reg_config(project, tmp_path, model_type="full"), world=1)
     with pytest.raises(ValueError, match="use_bitfit=False"):
@@ -113,8 +114,8 @@ def test_the_regularisation_target_is_the_base_models_prediction(project, tmp_pa
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     base_unet, _, _ = train.setup_model(dataclasses.replace(cfg, model_type="full"), r.device, r.dtype)
-    calls, outputs, real = [], [], train.base_prediction
-    monkeypatch.setattr(train, "base_prediction", lambda *a: calls.append(a) or real(*a))
+    calls, outputs, real = [], [], prior.base_prediction
+    monkeypatch.setattr(prior, "base_prediction", lambda *a: calls.append(a) or real(*a))
     r.unet.register_forward_hook(lambda m, args, out: outputs.append(out.detach().clone()))
     batch = next(iter(r.loader))
     assert batch["regularisation"].tolist() == [True, True]
