@@ -813,3 +813,17 @@ def test_wandb_gets_the_scalars_and_grids_metrics_jsonl_gets(project, tmp_path, 
     logged = [(s, r) for s, r in calls[1:-1] if "validation" not in r]
     assert [(s, set(r)) for s, r in logged] == [(row["step"], set(row) - {"step"}) for row in rows]
     assert any(s == 2 and r.get("validation", [None])[0] == "image" for s, r in calls[1:-1])
+
+
+def test_wandb_offline_writes_its_run_in_output_dir(project, tmp_path, monkeypatch):
+    """The real wandb package in offline mode: the run (scalars and the grid) lands in output_dir/wandb/, ready for
+    `wandb sync`; nothing reaches the network."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = config(project, tmp_path, report_to="wandb", max_train_steps=2, validation_prompts=["a red square"],
+                 validation_steps=2, validation_num_inference_steps=2, validation_resolution="32")
+    train.main(cfg)
+    run = next((Path(cfg.output_dir) / "wandb").glob("offline-run-*"))
+    assert run.name.endswith(train.wandb_id(Path(cfg.output_dir))) and list(run.glob("run-*.wandb"))
+    assert list((run / "files" / "media" / "images").glob("validation_2_*.png"))
