@@ -7,61 +7,27 @@
 # and makes a tiny T5 (random weights, SentencePiece tokenizer trained on the captions) in the Hub
 # layout, which train.py loads through the normal T5 path. Samples appear in output/demo/samples/.
 
-import math
-import random
 from pathlib import Path
 
+import shapes  # the colours, backgrounds and shapes, the drawing and the pixel judge: shapes.py at the repo root
+
 _root = Path(__file__).resolve().parent.parent / "data" / "demo"
-_version = "4"  # bump when the drawing below changes: the data is then drawn again
-_colours = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 215, 40),
-            "purple": (140, 60, 180)}
-_backgrounds = {"white": (245, 245, 245), "black": (25, 25, 25), "gray": (128, 128, 128)}  # never a shape colour
-_shapes = ("circle", "square", "triangle")  # configs/demo_lora.py teaches a fourth: "star"
-
-
-def _draw(rng: random.Random, folder: Path, n: int, shapes=_shapes) -> list[str]:
-    """n images with a same-named .txt caption each; returns the captions."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    captions = []
-    for i in range(n):
-        colour, background, shape = rng.choice(list(_colours)), rng.choice(list(_backgrounds)), rng.choice(shapes)
-        w, h = rng.choice([(64, 64), (96, 64), (64, 96), (128, 128), (160, 96), (200, 200), (256, 192), (144, 256)])
-        img = Image.new("RGB", (w, h), _backgrounds[background])
-        s = rng.uniform(0.45, 0.75) * min(w, h)  # the shape's size
-        x, y = rng.uniform(0, w - s), rng.uniform(0, h - s)
-        draw = ImageDraw.Draw(img)
-        if shape == "circle":
-            draw.ellipse([x, y, x + s, y + s], fill=_colours[colour])
-        elif shape == "square":
-            draw.rectangle([x, y, x + s, y + s], fill=_colours[colour])
-        elif shape == "triangle":
-            draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=_colours[colour])
-        else:  # a five-pointed star
-            r = [s / 2 if k % 2 == 0 else s / 5 for k in range(10)]
-            draw.polygon([(x + s / 2 + r[k] * math.sin(k * math.pi / 5), y + s / 2 - r[k] * math.cos(k * math.pi / 5))
-                          for k in range(10)], fill=_colours[colour])
-        caption = f"a {colour} {shape} on a {background} background"
-        name = folder / f"{i:04d}"
-        img.save(name.with_suffix(".jpg" if i % 2 else ".png"), quality=92)
-        name.with_suffix(".txt").write_text(caption + "\n")
-        captions.append(caption)
-    return captions
+_version = "4"  # bump when the drawing (shapes.draw) changes: the data is then drawn again
 
 
 def _make_demo_data() -> None:
     if (_root / "version").is_file() and (_root / "version").read_text() == _version:
         return
+    import random
     import shutil
 
     import t5cache
 
     shutil.rmtree(_root, ignore_errors=True)
     rng = random.Random(0)
-    captions = _draw(rng, _root / "train", 600) + _draw(rng, _root / "heldout", 48)
-    captions += _draw(rng, _root / "stars", 80, shapes=("star",))
-    every = [f"a {c} {s} on a {b} background" for c in _colours for s in (*_shapes, "star") for b in _backgrounds]
+    captions = shapes.draw(rng, _root / "train", 600) + shapes.draw(rng, _root / "heldout", 48)
+    captions += shapes.draw(rng, _root / "stars", 80, shapes=("star",))
+    every = shapes.every_caption()
     t5cache.make_tiny_t5(_root / "t5", sorted(set(captions + every)) + [""], d_model=64, layers=2, heads=4, d_ff=128,
                          tokenizer_type="word")  # one token per word: a random T5 cannot learn to spell
     (_root / "version").write_text(_version)

@@ -1,0 +1,231 @@
+"""The demo's world: its named colours, backgrounds and shapes, the drawing of captioned pictures, and a judge that
+reads a picture's background colour, shape colour and shape back from its pixels.
+
+configs/demo.py draws its dataset with `draw`; `judge` and `accuracy` tell whether a model draws what the caption
+asks for (tests/test_demo.py, docs/demo.md). The judge knows nothing of the model: it looks at pixels only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 215, 40),
+           "purple": (140, 60, 180)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25), "gray": (128, 128, 128)}  # never a shape colour
+SHAPES = ("circle", "square", "triangle")  # configs/demo_lora.py teaches a fourth: "star"
+SIZES = [(64, 64), (96, 64), (64, 96), (128, 128), (160, 96), (200, 200), (256, 192), (144, 256)]
+
+
+def caption(colour: str, shape: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def parse(text: str) -> tuple[str, str, str]:
+    """caption -> (colour, shape, background)."""
+    words = text.split()
+    return words[1], words[2], words[5]
+
+
+def every_caption(shapes=(*SHAPES, "star")) -> list[str]:
+    return [caption(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
+
+
+def draw_one(colour: str, shape: str, background: str, size=(64, 64), rng: random.Random | None = None,
+             scale=(0.45, 0.75)):
+    """One picture (PIL): the shape, its size a random fraction `scale` of the short side, at a random place."""
+    from PIL import Image, ImageDraw
+
+    rng = rng or random.Random(0)
+    w, h = size
+    img = Image.new("RGB", (w, h), BACKGROUNDS[background])
+    s = rng.uniform(*scale) * min(w, h)
+    x, y = rng.uniform(0, w - s), rng.uniform(0, h - s)
+    draw, fill = ImageDraw.Draw(img), COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([x, y, x + s, y + s], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x, y, x + s, y + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=fill)
+    elif shape == "star":  # five points, inner radius 0.4 of the outer
+        r = [s / 2 if k % 2 == 0 else s / 5 for k in range(10)]
+        draw.polygon([(x + s / 2 + r[k] * math.sin(k * math.pi / 5), y + s / 2 - r[k] * math.cos(k * math.pi / 5))
+                      for k in range(10)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return img
+
+
+def draw(rng: random.Random, folder: Path, n: int, shapes=SHAPES, balanced: bool = False) -> list[str]:
+    """n pictures with a same-named .txt caption each (JPEG and PNG alternately), in SIZES; returns the captions.
+    balanced: cycle through every colour x shape x background combination (shuffled) instead of drawing each
+    word independently, so every binding is seen about equally often."""
+    folder.mkdir(parents=True, exist_ok=True)
+    combos = [(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
+    order: list = []
+    captions = []
+    for i in range(n):
+        if balanced:
+            if not order:
+                order = rng.sample(combos, len(combos))
+            colour, shape, background = order.pop()
+        else:
+            colour, background, shape = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS)), rng.choice(shapes)
+        img = draw_one(colour, shape, background, rng.choice(SIZES), rng)
+        text = caption(colour, shape, background)
+        name = folder / f"{i:04d}"
+        img.save(name.with_suffix(".jpg" if i % 2 else ".png"), quality=92)
+        name.with_suffix(".txt").write_text(text + "\n")
+        captions.append(text)
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------
+# the judge
+
+
+def _nearest(rgb, table: dict) -> str:
+    return min(table, key=lambda k: sum((a - b) ** 2 for a, b in zip(rgb, table[k])))
+
+
+def _largest_component(mask):
+    """The largest 4-connected region of a boolean [H, W] array."""
+    import numpy as np
+
+    H, W = mask.shape
+    seen = np.zeros_like(mask)
+    best: list = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, region = [(y0, x0)], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for v, u in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= v < H and 0 <= u < W and mask[v, u] and not seen[v, u]:
+                    seen[v, u] = True
+                    stack.append((v, u))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def _hull_area(points) -> float:
+    """Area of the convex hull of [N, 2] points (monotone chain + shoelace)."""
+    pts = sorted(set(map(tuple, points)))
+    if len(pts) < 3:
+        return 0.0
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    hull = lower[:-1] + upper[:-1]
+    return abs(sum(hull[i][0] * hull[i - 1][1] - hull[i - 1][0] * hull[i][1] for i in range(len(hull)))) / 2
+
+
+def judge(image, shapes=SHAPES) -> dict:
+    """What a picture shows, from its pixels: a PIL image, a uint8 [H, W, 3] array or a [3, H, W] tensor in [-1, 1].
+
+    background: the median of the border pixels (the outermost ring), the nearest named background. The shape: the
+    largest connected region of pixels far from that background colour (> 40% of the way from it to the nearest
+    named colour, at least 60 in RGB distance); its colour is their median, the nearest of every named colour
+    (backgrounds too: a gray blob is no colour). Its class: `fill` (area / bounding-box area: circle 0.785, square 1,
+    triangle 0.5, star 0.34) and `solidity` (area / convex-hull area: 1 for the convex three, 0.5 for a star); a
+    region under 2% of the picture is no shape."""
+    import numpy as np
+
+    if hasattr(image, "detach"):  # a tensor in [-1, 1]
+        x = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+    else:
+        x = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image).astype(np.float64)
+    H, W, _ = x.shape
+    border = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest(bg_rgb, BACKGROUNDS)
+    dist = np.sqrt(((x - bg_rgb) ** 2).sum(-1))
+    gap = min(math.dist(bg_rgb, c) for c in COLOURS.values())
+    mask = _largest_component(dist > max(60.0, 0.4 * gap))
+    area = int(mask.sum())
+    out = {"background": background, "colour": None, "shape": None, "fill": 0.0, "solidity": 0.0, "area": area / (H * W)}
+    if area < 0.02 * H * W:
+        return out
+    out["colour"] = _nearest(np.median(x[mask], axis=0), {**COLOURS, **BACKGROUNDS})
+    ys, xs = np.nonzero(mask)
+    fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    corners = np.concatenate([np.stack([ys + dy, xs + dx], 1) for dy in (0, 1) for dx in (0, 1)])  # pixel squares
+    solidity = area / max(_hull_area(corners), 1.0)
+    out["fill"], out["solidity"] = round(float(fill), 3), round(float(solidity), 3)
+    if "star" in shapes and solidity < 0.75:
+        out["shape"] = "star"
+    else:
+        ideal = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "star": 0.34}
+        out["shape"] = min((s for s in shapes if s != "star" or solidity < 0.75), key=lambda s: abs(fill - ideal[s]))
+    return out
+
+
+def score(images, captions: list[str], shapes=SHAPES) -> dict:
+    """The three accuracies (background, colour, shape) of images against their captions, and each verdict."""
+    verdicts = [judge(im, shapes) for im in images]
+    n = len(captions)
+    res = {"background": 0, "colour": 0, "shape": 0}
+    for v, text in zip(verdicts, captions):
+        colour, shape, background = parse(text)
+        res["background"] += v["background"] == background
+        res["colour"] += v["colour"] == colour
+        res["shape"] += v["shape"] == shape
+    return {**{k: v / n for k, v in res.items()}, "verdicts": verdicts}
+
+
+def validation_captions(shapes=SHAPES) -> list[str]:
+    """Every colour x shape x background once: 45 captions for the three demo shapes."""
+    return [caption(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
+
+
+def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,
+             guidance: float = 4.0, size=(32, 32), shapes=SHAPES, batch: int = 45) -> dict:
+    """Sample each caption once (stage I, as train.validate does: learned-range variance, the empty negative
+    prompt, `steps` and `guidance` as the demo validates) with fixed seeds and judge the pictures.
+    unet: a U-Net or a trained output_dir; cache: a TextCache or its folder (default: the demo's)."""
+    import torch
+
+    import sample
+    import t5cache
+    from model import UNet
+
+    if isinstance(unet, (str, Path)):
+        unet = UNet.from_pretrained(unet)
+    unet = unet.eval()
+    if cache is None:
+        cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
+    if isinstance(cache, (str, Path)):
+        cache = t5cache.TextCache(cache)
+    captions = captions or validation_captions(shapes)
+    variance = "learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small"
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    with torch.no_grad():
+        for i in range(0, len(captions), batch):
+            part = captions[i:i + batch]
+            x = sample.stage1(unet, cache.get(part), cache.get([""]), height=size[1], width=size[0], steps=steps,
+                              guidance=guidance, variance=variance, generator=gen)
+            images += list(x.float())
+    result = score(images, captions, shapes)
+    result["images"] = images
+    return result
