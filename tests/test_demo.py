@@ -13,6 +13,7 @@ from PIL import Image
 
 import lora
 import sample
+import shapes
 import t5cache
 from config import load_config
 from model import UNet, build
@@ -20,6 +21,11 @@ from model import UNet, build
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 320  # about half the demo; with min-SNR weighting (which favours the high-t steps that decide colour)
 # that is enough for the colours to follow the prompts
+# What the shortened run must reach on the pixel judge (45 samples). Measured at 300 steps with the demo's settings
+# (docs/demo.md): background 1.00, shape colour 0.42, shape 0.31; an untrained model gets 0.33, 0.00, 0.33-0.40.
+# Backgrounds are asserted with a margin of 9 samples; colour at 0.25, 8 samples under the measured value and twice
+# chance (1/8). Shapes are not learned even by the full run yet (0.42 at 1500 steps), so no bar is set for them.
+BACKGROUND, COLOUR, SHAPE = 0.8, 0.25, 0.0
 
 
 def train(*args, timeout=900):
@@ -80,13 +86,15 @@ def shape_colours(unet, cache, colour: str) -> torch.Tensor:
 
 
 def test_demo_learned_colours_and_held_out_loss(demo):
-    """Cannot pass by accident: the held-out loss (fixed images, t and noise) must fall tenfold, and with the same
+    """Cannot pass by accident: the held-out loss (fixed images, t and noise) must fall sevenfold, and with the same
     seeds, shapes drawn for "red" prompts must be clearly redder than for "blue" ones - by a margin that an
     untrained model, whose outputs also shift a little with the words, does not reach."""
     out, _ = demo
     held = [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if "eval_loss" in line]
-    assert held[-1] < 0.1 * held[0], held
+    # (sevenfold: the held-out loss uses plain noise, while the demo trains on offset noise, a slightly different
+    # task - measured 1.21 -> 0.132 at 320 steps, a 9.2x fall; tenfold was the bar before offset noise)
+    assert held[-1] < 0.15 * held[0], held
 
     cache = t5cache.TextCache(ROOT / "data" / "demo" / "t5_cache")
     cfg = load_config(["configs/demo.py"])
@@ -96,6 +104,42 @@ def test_demo_learned_colours_and_held_out_loss(demo):
         margin = (red - blue).mean()
         assert (margin > 0.6) == learned, (learned, red, blue)
     assert (red > blue).all() and red.mean() > 0.2 and blue.mean() < -0.2, (red, blue)  # red is red, blue is blue
+
+
+def test_the_judge_reads_drawn_pictures():
+    """The pixel judge on freshly drawn pictures (every shape, the star too, at every size, brought to the 32 px
+    the demo trains at) must read back what was drawn: it is only a yardstick if it is right on the data itself."""
+    import random
+
+    rng, images, captions = random.Random(1), [], []
+    for _ in range(120):
+        colour, shape, background = (rng.choice(list(shapes.COLOURS)), rng.choice((*shapes.SHAPES, "star")),
+                                     rng.choice(list(shapes.BACKGROUNDS)))
+        w, h = rng.choice(shapes.SIZES)
+        img = shapes.draw_one(colour, shape, background, (w, h), rng)
+        images.append(img.resize((round(32 * w / min(w, h)), round(32 * h / min(w, h))), Image.BICUBIC))
+        captions.append(shapes.caption(colour, shape, background))
+    result = shapes.score(images, captions, shapes=(*shapes.SHAPES, "star"))
+    assert min(result["background"], result["colour"], result["shape"]) >= 0.97, result
+
+
+def test_demo_draws_what_the_captions_say(demo):
+    """The shortened run judged from pixels: one sample per colour x shape x background (45, fixed seeds, the demo's
+    validation sampler). The thresholds are below what the shortened run reached when measured (docs/demo.md) by a
+    margin of several samples; an untrained model, whose pictures are noise, fails all three (chance is 1/3, 1/8,
+    1/3)."""
+    out, _ = demo
+    cfg = load_config(["configs/demo.py"])
+    cache = t5cache.TextCache(ROOT / "data" / "demo" / "t5_cache")
+    torch.manual_seed(0)
+    every = shapes.validation_captions()
+    some = [every[3 * i + i % 3] for i in range(15)]  # each colour x shape once, the backgrounds in turn
+    untrained = shapes.accuracy(build(cfg.unet_config), cache, some, steps=cfg.validation_num_inference_steps,
+                                guidance=cfg.validation_guidance)
+    assert untrained["background"] < 0.6 and untrained["colour"] < 0.4 and untrained["shape"] < 0.6, untrained
+    trained = shapes.accuracy(out, cache, steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance)
+    got = {k: trained[k] for k in ("background", "colour", "shape")}
+    assert got["background"] >= BACKGROUND and got["colour"] >= COLOUR and got["shape"] >= SHAPE, got
 
 
 def test_sample_command_on_the_demo(demo, tmp_path):
