@@ -254,7 +254,7 @@ def setup(cfg: Config) -> Run:
     opt = optimizer_for(cfg, params, rngs["rounding"])
     r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
             opt.weights() if cfg.use_ema else None, rngs, eval_items, group=group, sharded=sharded,
-            class_loader=class_loader, regularised=prior.regularised(cfg))
+            class_loader=class_loader, regularised=any(ds["is_regularisation_data"] for ds in loader.datasets))
     resume = find_checkpoint(cfg)
     if resume is not None:
         load_checkpoint(resume, r)
