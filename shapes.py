@@ -163,7 +163,8 @@ def judge(image, shapes=SHAPES) -> dict:
     gap = min(math.dist(bg_rgb, c) for c in COLOURS.values())
     mask = _largest_component(dist > max(60.0, 0.4 * gap))
     area = int(mask.sum())
-    out = {"background": background, "colour": None, "shape": None, "fill": 0.0, "solidity": 0.0, "area": area / (H * W)}
+    out = {"background": background, "colour": None, "shape": None, "fill": 0.0, "solidity": 0.0,
+           "area": area / (H * W)}
     if area < 0.02 * H * W:
         return out
     out["colour"] = _nearest(np.median(x[mask], axis=0), {**COLOURS, **BACKGROUNDS})
