@@ -16,6 +16,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25), "gray": (128, 128, 128)}  # never a shape colour
 SHAPES = ("circle", "square", "triangle")  # configs/demo_lora.py teaches a fourth: "star"
 SIZES = [(64, 64), (96, 64), (64, 96), (128, 128), (160, 96), (200, 200), (256, 192), (144, 256)]
+# The shape's size as a fraction of the picture's short side; the demo draws every shape this size, centred. Shapes of
+# random sizes at random places (0.45-0.75 anywhere) were blobs after the demo's few minutes (docs/demo.md).
+SCALE = 0.7
 
 
 def caption(colour: str, shape: str, background: str) -> str:
@@ -33,15 +36,16 @@ def every_caption(shapes=(*SHAPES, "star")) -> list[str]:
 
 
 def draw_one(colour: str, shape: str, background: str, size=(64, 64), rng: random.Random | None = None,
-             scale=(0.45, 0.75)):
-    """One picture (PIL): the shape, its size a random fraction `scale` of the short side, at a random place."""
+             scale=(SCALE, SCALE), centred: bool = True):
+    """One picture (PIL): the shape, its size a random fraction `scale` of the short side, in the middle or
+    (centred=False) at a random place."""
     from PIL import Image, ImageDraw
 
     rng = rng or random.Random(0)
     w, h = size
     img = Image.new("RGB", (w, h), BACKGROUNDS[background])
     s = rng.uniform(*scale) * min(w, h)
-    x, y = rng.uniform(0, w - s), rng.uniform(0, h - s)
+    x, y = ((w - s) / 2, (h - s) / 2) if centred else (rng.uniform(0, w - s), rng.uniform(0, h - s))
     draw, fill = ImageDraw.Draw(img), COLOURS[colour]
     if shape == "circle":
         draw.ellipse([x, y, x + s, y + s], fill=fill)
@@ -59,9 +63,10 @@ def draw_one(colour: str, shape: str, background: str, size=(64, 64), rng: rando
 
 
 def draw(rng: random.Random, folder: Path, n: int, shapes=SHAPES, balanced: bool = False) -> list[str]:
-    """n pictures with a same-named .txt caption each (JPEG and PNG alternately), in SIZES; returns the captions.
-    balanced: cycle through every colour x shape x background combination (shuffled) instead of drawing each
-    word independently, so every binding is seen about equally often."""
+    """n pictures with a same-named .txt caption each (JPEG and PNG alternately), in SIZES, each shape centred at
+    SCALE of the short side; returns the captions. balanced: cycle through every colour x shape x background
+    combination (shuffled) instead of drawing each word independently, so every binding is seen about equally
+    often."""
     folder.mkdir(parents=True, exist_ok=True)
     combos = [(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
     order: list = []
@@ -230,3 +235,64 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
     result = score(images, captions, shapes)
     result["images"] = images
     return result
+
+
+def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, guidance: float | None = None,
+                 noise_level: int | None = None, seed: int = 0, limit: int = 24) -> dict:
+    """Stage II against bilinear on held-out pictures: each picture in `folder` whose short side is at least `size`
+    is brought to `size` px on its short side (centre square), then 4x down as training does (data.resize); the
+    stage II U-Net (a U-Net or an output_dir) and bilinear interpolation each bring that back up, and both are
+    scored by PSNR (dB, 8-bit pixels) against the `size` px picture. -> {"stage2", "bilinear", "n"}: mean PSNRs."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    import data
+    import sample
+    import t5cache
+    from model import UNet
+
+    if isinstance(unet, (str, Path)):
+        unet = UNet.from_pretrained(unet)
+    unet = unet.eval()
+    if cache is None:
+        cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
+    if isinstance(cache, (str, Path)):
+        cache = t5cache.TextCache(cache)
+    kw = {} if guidance is None else {"guidance": guidance}
+    if noise_level is not None:
+        kw["noise_level"] = noise_level
+    variance = "learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small"
+
+    def psnr(a, b):
+        mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+        return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+
+    picked = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix.lower() in (".png", ".jpg") and min(Image.open(path).size) >= size:
+            picked.append(path)
+    picked = picked[:limit]
+    if not picked:
+        raise ValueError(f"no picture in {folder} has a short side of {size} px or more")
+    gen, ours, bilinear = torch.Generator().manual_seed(seed), [], []
+    neg = cache.get([""])
+    with torch.no_grad():
+        for path in picked:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                w, h = img.size
+                s = min(w, h)
+                box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+                high = data.resize(img, (size, size), box)
+            low = data.resize(high, (size // 4, size // 4))
+            low_t = torch.from_numpy(np.asarray(low, np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
+            up = F.interpolate(low_t, size=(size, size), mode="bilinear", align_corners=False)
+            text = cache.get([path.with_suffix(".txt").read_text().strip()])
+            x = sample.stage2(unet, low_t, text, neg, height=size, width=size, steps=steps, variance=variance,
+                              generator=gen, **kw)
+            target = np.asarray(high)
+            ours.append(psnr(np.asarray(data.to_pil(x)[0]), target))
+            bilinear.append(psnr(np.asarray(data.to_pil(up)[0]), target))
+    return {"stage2": sum(ours) / len(ours), "bilinear": sum(bilinear) / len(bilinear), "n": len(picked)}

@@ -3,7 +3,8 @@
 #   python train.py configs/demo.py
 #
 # On first use this file draws its dataset (coloured shapes on plain backgrounds, captioned
-# "a red circle on a blue background", varied sizes and aspect ratios, JPEG and PNG) into data/demo/,
+# "a red circle on a blue background", pictures of varied sizes and aspect ratios with the shape in the middle,
+# JPEG and PNG) into data/demo/,
 # and makes a tiny T5 (random weights, SentencePiece tokenizer trained on the captions) in the Hub
 # layout, which train.py loads through the normal T5 path. Samples appear in output/demo/samples/.
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import shapes  # the colours, backgrounds and shapes, the drawing and the pixel judge: shapes.py at the repo root
 
 _root = Path(__file__).resolve().parent.parent / "data" / "demo"
-_version = "4"  # bump when the drawing (shapes.draw) changes: the data is then drawn again
+_version = "5"  # bump when the drawing (shapes.draw) changes: the data is then drawn again
 
 
 def _make_demo_data() -> None:

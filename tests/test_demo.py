@@ -107,8 +107,9 @@ def test_demo_learned_colours_and_held_out_loss(demo):
 
 
 def test_the_judge_reads_drawn_pictures():
-    """The pixel judge on freshly drawn pictures (every shape, the star too, at every size, brought to the 32 px
-    the demo trains at) must read back what was drawn: it is only a yardstick if it is right on the data itself."""
+    """The pixel judge on freshly drawn pictures (every shape, the star too, at every picture size, brought to the
+    32 px the demo trains at) must read back what was drawn: it is only a yardstick if it is right on the data
+    itself. The shapes here are of random sizes at random places, harder than the demo's centred ones."""
     import random
 
     rng, images, captions = random.Random(1), [], []
@@ -116,7 +117,7 @@ def test_the_judge_reads_drawn_pictures():
         colour, shape, background = (rng.choice(list(shapes.COLOURS)), rng.choice((*shapes.SHAPES, "star")),
                                      rng.choice(list(shapes.BACKGROUNDS)))
         w, h = rng.choice(shapes.SIZES)
-        img = shapes.draw_one(colour, shape, background, (w, h), rng)
+        img = shapes.draw_one(colour, shape, background, (w, h), rng, scale=(0.45, 0.75), centred=False)
         images.append(img.resize((round(32 * w / min(w, h)), round(32 * h / min(w, h))), Image.BICUBIC))
         captions.append(shapes.caption(colour, shape, background))
     result = shapes.score(images, captions, shapes=(*shapes.SHAPES, "star"))
