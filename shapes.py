@@ -95,32 +95,48 @@ def _nearest(rgb, table: dict) -> str:
     return min(table, key=lambda k: sum((a - b) ** 2 for a, b in zip(rgb, table[k])))
 
 
+def _flood(mask, seeds, seen):
+    """The pixels of boolean [H, W] `mask` 4-connected to any of `seeds` ((y, x) in mask), marking them in `seen`."""
+    H, W = mask.shape
+    stack, region = list(seeds), []
+    for y, x in seeds:
+        seen[y, x] = True
+    while stack:
+        y, x = stack.pop()
+        region.append((y, x))
+        for v, u in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+            if 0 <= v < H and 0 <= u < W and mask[v, u] and not seen[v, u]:
+                seen[v, u] = True
+                stack.append((v, u))
+    return region
+
+
 def _largest_component(mask):
     """The largest 4-connected region of a boolean [H, W] array."""
     import numpy as np
 
-    H, W = mask.shape
     seen = np.zeros_like(mask)
     best: list = []
     for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        seen[y0, x0] = True
-        stack, region = [(y0, x0)], []
-        while stack:
-            y, x = stack.pop()
-            region.append((y, x))
-            for v, u in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= v < H and 0 <= u < W and mask[v, u] and not seen[v, u]:
-                    seen[v, u] = True
-                    stack.append((v, u))
-        if len(region) > len(best):
-            best = region
+        if not seen[y0, x0]:
+            region = _flood(mask, [(y0, x0)], seen)
+            best = region if len(region) > len(best) else best
     out = np.zeros_like(mask)
     if best:
         ys, xs = zip(*best)
         out[list(ys), list(xs)] = True
     return out
+
+
+def _fill_holes(mask):
+    """`mask` with every region it encloses (not 4-connected to the picture's edge outside it) filled in."""
+    import numpy as np
+
+    free, H, W = ~mask, *mask.shape
+    edge = [(y, x) for y in range(H) for x in range(W) if (y in (0, H - 1) or x in (0, W - 1)) and free[y, x]]
+    outside = np.zeros_like(mask)
+    _flood(free, edge, outside)
+    return ~outside
 
 
 def _hull_area(points) -> float:
@@ -151,9 +167,11 @@ def judge(image, shapes=SHAPES) -> dict:
     background: the median of the border pixels (the outermost ring), the nearest named background. The shape: the
     largest connected region of pixels far from that background colour (> 40% of the way from it to the nearest
     named colour, at least 60 in RGB distance); its colour is their median, the nearest of every named colour
-    (backgrounds too: a gray blob is no colour). Its class: `fill` (area / bounding-box area: circle 0.785, square 1,
-    triangle 0.5, star 0.34) and `solidity` (area / convex-hull area: 1 for the convex three, 0.5 for a star); a
-    region under 2% of the picture is no shape."""
+    (backgrounds too: a gray blob is no colour). Its class is read from its outline, the region with the holes it
+    encloses filled (a hole of background colour is a flaw in the shape, not another shape; `holes` is the share of
+    the outline it takes): `fill` (area / bounding-box area: circle 0.785, square 1, triangle 0.5, star 0.34) and
+    `solidity` (area / convex-hull area: 1 for the convex three, 0.5 for a star); a region under 2% of the picture
+    is no shape."""
     import numpy as np
 
     if hasattr(image, "detach"):  # a tensor in [-1, 1]
@@ -166,13 +184,15 @@ def judge(image, shapes=SHAPES) -> dict:
     background = _nearest(bg_rgb, BACKGROUNDS)
     dist = np.sqrt(((x - bg_rgb) ** 2).sum(-1))
     gap = min(math.dist(bg_rgb, c) for c in COLOURS.values())
-    mask = _largest_component(dist > max(60.0, 0.4 * gap))
+    shape = _largest_component(dist > max(60.0, 0.4 * gap))
+    mask = _fill_holes(shape)  # a hole of background colour in a shape does not change what shape it is
     area = int(mask.sum())
     out = {"background": background, "colour": None, "shape": None, "fill": 0.0, "solidity": 0.0,
-           "area": area / (H * W)}
+           "holes": 0.0, "area": area / (H * W)}
     if area < 0.02 * H * W:
         return out
-    out["colour"] = _nearest(np.median(x[mask], axis=0), {**COLOURS, **BACKGROUNDS})
+    out["colour"] = _nearest(np.median(x[shape], axis=0), {**COLOURS, **BACKGROUNDS})
+    out["holes"] = round(1 - int(shape.sum()) / area, 3)
     ys, xs = np.nonzero(mask)
     fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     corners = np.concatenate([np.stack([ys + dy, xs + dx], 1) for dy in (0, 1) for dx in (0, 1)])  # pixel squares
@@ -238,7 +258,7 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
 
 
 def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, guidance: float | None = None,
-                 noise_level: int | None = None, seed: int = 0, limit: int = 24) -> dict:
+                 noise_level: int | None = None, variance: str | None = None, seed: int = 0, limit: int = 24) -> dict:
     """Stage II against bilinear on held-out pictures: each picture in `folder` whose short side is at least `size`
     is brought to `size` px on its short side (centre square), then 4x down as training does (data.resize); the
     stage II U-Net (a U-Net or an output_dir) and bilinear interpolation each bring that back up, and both are
@@ -263,7 +283,7 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
     kw = {} if guidance is None else {"guidance": guidance}
     if noise_level is not None:
         kw["noise_level"] = noise_level
-    variance = "learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small"
+    variance = variance or ("learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small")
 
     def psnr(a, b):
         mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
