@@ -60,7 +60,7 @@ datasets = [{
 # training: fp32 on the CPU (mixed_precision="auto"; it measured 15% faster than bf16 on 2 cores),
 # and a high learning rate for a model trained from scratch
 output_dir = "output/demo"
-max_train_steps = 1500
+max_train_steps = 2000
 train_batch_size = 8
 learning_rate = 2e-3
 lr_end = 1e-5
@@ -74,7 +74,7 @@ caption_dropout_probability = 0.1
 noise_offset = 0.5
 noise_offset_probability = 1.0
 snr_gamma = 5.0
-checkpointing_steps = 300
+checkpointing_steps = 400
 checkpoints_total_limit = 2
 dataloader_num_workers = 1
 
@@ -87,7 +87,7 @@ validation_prompts = [
     "a purple square on a white background",
 ]
 validation_resolution = "32,48x32"
-validation_steps = 300
+validation_steps = 400
 validation_num_inference_steps = 25
 validation_guidance = 4.0
 validation_loss_images = 16
