@@ -258,11 +258,14 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
 
 
 def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, guidance: float | None = None,
-                 noise_level: int | None = None, variance: str | None = None, seed: int = 0, limit: int = 24) -> dict:
+                 noise_level: int | None = None, variance: str | None = None, strength: float = 1.0, seed: int = 0,
+                 limit: int = 24) -> dict:
     """Stage II against bilinear on held-out pictures: each picture in `folder` whose short side is at least `size`
     is brought to `size` px on its short side (centre square), then 4x down as training does (data.resize); the
     stage II U-Net (a U-Net or an output_dir) and bilinear interpolation each bring that back up, and both are
-    scored by PSNR (dB, 8-bit pixels) against the `size` px picture. -> {"stage2", "bilinear", "n"}: mean PSNRs."""
+    scored by PSNR (dB, 8-bit pixels) against the `size` px picture. strength < 1: stage II starts from the bilinear
+    upscale noised part way (IF's img2img super-resolution with it as the original) instead of from pure noise.
+    -> {"stage2", "bilinear", "n"}: mean PSNRs."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -310,8 +313,9 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
             low_t = torch.from_numpy(np.asarray(low, np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
             up = F.interpolate(low_t, size=(size, size), mode="bilinear", align_corners=False)
             text = cache.get([path.with_suffix(".txt").read_text().strip()])
-            x = sample.stage2(unet, low_t, text, neg, height=size, width=size, steps=steps, variance=variance,
-                              generator=gen, **kw)
+            start = {} if strength == 1.0 else {"image": up, "strength": strength}
+            x = sample.stage2(unet, low_t, text, neg, height=None if start else size, width=None if start else size,
+                              steps=steps, variance=variance, generator=gen, **start, **kw)
             target = np.asarray(high)
             ours.append(psnr(np.asarray(data.to_pil(x)[0]), target))
             bilinear.append(psnr(np.asarray(data.to_pil(up)[0]), target))
