@@ -139,6 +139,27 @@ def _fill_holes(mask):
     return ~outside
 
 
+def _points(mask, bins: int = 36) -> int:
+    """How many tips a region has: peaks of its radius from its centroid around the circle (the farthest pixel in
+    each of `bins` directions, smoothed over three), each at least 1.4x the lowest radius within 30 degrees of it."""
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    dy, dx = ys - ys.mean(), xs - xs.mean()
+    k = ((np.arctan2(dy, dx) + math.pi) / (2 * math.pi) * bins).astype(int) % bins
+    radius = np.zeros(bins)
+    np.maximum.at(radius, k, np.hypot(dy, dx) + 0.5)
+    radius = (np.roll(radius, 1) + radius + np.roll(radius, -1)) / 3
+    w, tips = bins // 12, []
+    for i in range(bins):
+        near = radius[[(i + j) % bins for j in range(-w, w + 1)]]
+        if radius[i] == near.max() and radius[i] >= 1.4 * near.min() and not (tips and tips[-1] == i - 1):
+            tips.append(i)
+    if len(tips) > 1 and tips[0] == 0 and tips[-1] == bins - 1:  # one peak across the wrap
+        tips.pop()
+    return len(tips)
+
+
 def _hull_area(points) -> float:
     """Area of the convex hull of [N, 2] points (monotone chain + shoelace)."""
     pts = sorted(set(map(tuple, points)))
@@ -170,8 +191,9 @@ def judge(image, shapes=SHAPES) -> dict:
     (backgrounds too: a gray blob is no colour). Its class is read from its outline, the region with the holes it
     encloses filled (a hole of background colour is a flaw in the shape, not another shape; `holes` is the share of
     the outline it takes): `fill` (area / bounding-box area: circle 0.785, square 1, triangle 0.5, star 0.34) and
-    `solidity` (area / convex-hull area: 1 for the convex three, 0.5 for a star); a region under 2% of the picture
-    is no shape."""
+    `solidity` (area / convex-hull area: 1 for the convex three, 0.5 for a star); a star must also have five
+    `points` (tips: peaks of the outline's distance from its centre), so a ragged blob is not one. A region under
+    2% of the picture is no shape."""
     import numpy as np
 
     if hasattr(image, "detach"):  # a tensor in [-1, 1]
@@ -188,7 +210,7 @@ def judge(image, shapes=SHAPES) -> dict:
     mask = _fill_holes(shape)  # a hole of background colour in a shape does not change what shape it is
     area = int(mask.sum())
     out = {"background": background, "colour": None, "shape": None, "fill": 0.0, "solidity": 0.0,
-           "holes": 0.0, "area": area / (H * W)}
+           "holes": 0.0, "points": 0, "area": area / (H * W)}
     if area < 0.02 * H * W:
         return out
     out["colour"] = _nearest(np.median(x[shape], axis=0), {**COLOURS, **BACKGROUNDS})
@@ -198,11 +220,12 @@ def judge(image, shapes=SHAPES) -> dict:
     corners = np.concatenate([np.stack([ys + dy, xs + dx], 1) for dy in (0, 1) for dx in (0, 1)])  # pixel squares
     solidity = area / max(_hull_area(corners), 1.0)
     out["fill"], out["solidity"] = round(float(fill), 3), round(float(solidity), 3)
-    if "star" in shapes and solidity < 0.75:
+    out["points"] = _points(mask)
+    if "star" in shapes and solidity < 0.75 and out["points"] == 5:
         out["shape"] = "star"
     else:
-        ideal = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "star": 0.34}
-        out["shape"] = min((s for s in shapes if s != "star" or solidity < 0.75), key=lambda s: abs(fill - ideal[s]))
+        ideal = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+        out["shape"] = min((s for s in shapes if s != "star"), key=lambda s: abs(fill - ideal[s]))
     return out
 
 
