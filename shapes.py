@@ -247,14 +247,9 @@ def validation_captions(shapes=SHAPES) -> list[str]:
     return [caption(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
 
 
-def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,
-             guidance: float = 4.0, size=(32, 32), shapes=SHAPES, batch: int = 45) -> dict:
-    """Sample each caption once (stage I, as train.validate does: learned-range variance, the empty negative
-    prompt, `steps` and `guidance` as the demo validates) with fixed seeds and judge the pictures.
-    unet: a U-Net or a trained output_dir; cache: a TextCache or its folder (default: the demo's)."""
-    import torch
-
-    import sample
+def _model_and_cache(unet, cache):
+    """(U-Net in eval mode, TextCache, its sampler variance) from a U-Net or an output_dir, and a TextCache or its
+    folder (None: the demo's)."""
     import t5cache
     from model import UNet
 
@@ -265,8 +260,20 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
         cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
     if isinstance(cache, (str, Path)):
         cache = t5cache.TextCache(cache)
+    return unet, cache, ("learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small")
+
+
+def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,
+             guidance: float = 4.0, size=(32, 32), shapes=SHAPES, batch: int = 45) -> dict:
+    """Sample each caption once (stage I, as train.validate does: learned-range variance, the empty negative
+    prompt, `steps` and `guidance` as the demo validates) with fixed seeds and judge the pictures.
+    unet: a U-Net or a trained output_dir; cache: a TextCache or its folder (default: the demo's)."""
+    import torch
+
+    import sample
+
+    unet, cache, variance = _model_and_cache(unet, cache)
     captions = captions or validation_captions(shapes)
-    variance = "learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small"
     gen = torch.Generator().manual_seed(seed)
     images = []
     with torch.no_grad():
@@ -296,20 +303,12 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
 
     import data
     import sample
-    import t5cache
-    from model import UNet
 
-    if isinstance(unet, (str, Path)):
-        unet = UNet.from_pretrained(unet)
-    unet = unet.eval()
-    if cache is None:
-        cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
-    if isinstance(cache, (str, Path)):
-        cache = t5cache.TextCache(cache)
+    unet, cache, learned = _model_and_cache(unet, cache)
+    variance = variance or learned
     kw = {} if guidance is None else {"guidance": guidance}
     if noise_level is not None:
         kw["noise_level"] = noise_level
-    variance = variance or ("learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small")
 
     def psnr(a, b):
         mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
