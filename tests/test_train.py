@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import diffusion
 import lora
+import metrics
 import optim
 import sample
 import t5cache
@@ -825,5 +826,5 @@ def test_wandb_offline_writes_its_run_in_output_dir(project, tmp_path, monkeypat
                  validation_steps=2, validation_num_inference_steps=2, validation_resolution="32")
     train.main(cfg)
     run = next((Path(cfg.output_dir) / "wandb").glob("offline-run-*"))
-    assert run.name.endswith(train.wandb_id(Path(cfg.output_dir))) and list(run.glob("run-*.wandb"))
+    assert run.name.endswith(metrics.wandb_id(Path(cfg.output_dir))) and list(run.glob("run-*.wandb"))
     assert list((run / "files" / "media" / "images").glob("validation_2_*.png"))
