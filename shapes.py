@@ -32,6 +32,7 @@ def parse(text: str) -> tuple[str, str, str]:
 
 
 def every_caption(shapes=(*SHAPES, "star")) -> list[str]:
+    """Every colour x shape x background once: 45 captions for the three demo shapes, 60 with the star."""
     return [caption(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
 
 
@@ -62,22 +63,13 @@ def draw_one(colour: str, shape: str, background: str, size=(64, 64), rng: rando
     return img
 
 
-def draw(rng: random.Random, folder: Path, n: int, shapes=SHAPES, balanced: bool = False) -> list[str]:
+def draw(rng: random.Random, folder: Path, n: int, shapes=SHAPES) -> list[str]:
     """n pictures with a same-named .txt caption each (JPEG and PNG alternately), in SIZES, each shape centred at
-    SCALE of the short side; returns the captions. balanced: cycle through every colour x shape x background
-    combination (shuffled) instead of drawing each word independently, so every binding is seen about equally
-    often."""
+    SCALE of the short side; returns the captions."""
     folder.mkdir(parents=True, exist_ok=True)
-    combos = [(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
-    order: list = []
     captions = []
     for i in range(n):
-        if balanced:
-            if not order:
-                order = rng.sample(combos, len(combos))
-            colour, shape, background = order.pop()
-        else:
-            colour, background, shape = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS)), rng.choice(shapes)
+        colour, background, shape = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS)), rng.choice(shapes)
         img = draw_one(colour, shape, background, rng.choice(SIZES), rng)
         text = caption(colour, shape, background)
         name = folder / f"{i:04d}"
@@ -242,11 +234,6 @@ def score(images, captions: list[str], shapes=SHAPES) -> dict:
     return {**{k: v / n for k, v in res.items()}, "verdicts": verdicts}
 
 
-def validation_captions(shapes=SHAPES) -> list[str]:
-    """Every colour x shape x background once: 45 captions for the three demo shapes."""
-    return [caption(c, s, b) for c in COLOURS for s in shapes for b in BACKGROUNDS]
-
-
 def _model_and_cache(unet, cache):
     """(U-Net in eval mode, TextCache, its sampler variance) from a U-Net or an output_dir, and a TextCache or its
     folder (None: the demo's)."""
@@ -273,7 +260,7 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
     import sample
 
     unet, cache, variance = _model_and_cache(unet, cache)
-    captions = captions or validation_captions(shapes)
+    captions = captions or every_caption(shapes)
     gen = torch.Generator().manual_seed(seed)
     images = []
     with torch.no_grad():
@@ -314,10 +301,11 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
         mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
         return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
 
-    picked = []
-    for path in sorted(Path(folder).iterdir()):
-        if path.suffix.lower() in (".png", ".jpg") and min(Image.open(path).size) >= size:
-            picked.append(path)
+    def big_enough(path):
+        with Image.open(path) as img:
+            return min(img.size) >= size
+
+    picked = [p for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in (".png", ".jpg") and big_enough(p)]
     picked = picked[:limit]
     if not picked:
         raise ValueError(f"no picture in {folder} has a short side of {size} px or more")
@@ -332,7 +320,7 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
                 box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
                 high = data.resize(img, (size, size), box)
             low = data.resize(high, (size // 4, size // 4))
-            low_t = torch.from_numpy(np.asarray(low, np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
+            low_t = sample.prepare_image(low)  # [1, 3, h, w] in [-1, 1]
             up = F.interpolate(low_t, size=(size, size), mode="bilinear", align_corners=False)
             text = cache.get([path.with_suffix(".txt").read_text().strip()])
             start = {} if strength == 1.0 else {"image": up, "strength": strength}

@@ -155,7 +155,7 @@ def test_demo_draws_what_the_captions_say(demo):
     cfg = load_config(["configs/demo.py"])
     cache = t5cache.TextCache(ROOT / "data" / "demo" / "t5_cache")
     torch.manual_seed(0)
-    every = shapes.validation_captions()
+    every = shapes.every_caption(shapes.SHAPES)
     some = [every[3 * i + i % 3] for i in range(15)]  # each colour x shape once, the backgrounds in turn
     untrained = shapes.accuracy(build(cfg.unet_config), cache, some, steps=cfg.validation_num_inference_steps,
                                 guidance=cfg.validation_guidance)
