@@ -297,7 +297,7 @@ def train_step(r: Run, batches) -> dict:
     the instance batch's) they add up to loss: mse + vlb_weight vlb + regularisation_loss_weight regularisation_loss
     + prior_loss_weight prior_loss. regularisation_loss is logged for steps that had such samples only."""
     cfg, n_micro = r.cfg, r.cfg.gradient_accumulation_steps
-    lr, terms = lr_at(r.step, cfg), {"mse": 0.0, "vlb": 0.0, **({"prior_loss": 0.0} if r.class_loader else {})}
+    lr, terms = lr_at(r.step, cfg), {}
     if cfg.fused_backward:  # each parameter takes its AdamW step inside backward (optim.py)
         r.opt.begin(lr)
     for micro in range(n_micro):
