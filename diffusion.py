@@ -56,9 +56,16 @@ IF_SCHEDULER_CONFIG = {
 IF_SAMPLE_MAX = {1: 1.5, 2: 1.0}  # dynamic thresholding's upper bound (sample_max_value), stage I and stage II
 
 
-def scheduler_config(stage: int, variance: str = "learned_range") -> dict:
-    """IF's scheduler config for `stage` (1 or 2), with `variance` as its variance_type."""
-    return {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[stage], "variance_type": variance}
+# What a U-Net's first C output channels predict: IF's weights predict epsilon; v (Salimans & Ho 2022,
+# "Progressive Distillation", sec. 4) is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, whose x_0 estimate stays well
+# conditioned at the highest t, where one from epsilon divides the U-Net's error by sqrt(abar_t).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def scheduler_config(stage: int, variance: str = "learned_range", prediction_type: str = "epsilon") -> dict:
+    """IF's scheduler config for `stage` (1 or 2), with `variance` as its variance_type and `prediction_type`."""
+    return {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[stage], "variance_type": variance,
+            "prediction_type": prediction_type}
 
 
 LOSS_TYPES = ("hybrid", "mse", "huber", "smooth_l1")
@@ -179,6 +186,18 @@ def eps_from_x0(sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.T
     """DDPM eq. 4 solved for eps: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
     a = _at(sched, "alphas_cumprod", t, x_t)
     return (x_t - a**0.5 * x0) / (1 - a) ** 0.5
+
+
+def v_target(sched: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, what a v_prediction U-Net learns (diffusers' get_velocity)."""
+    a = _at(sched, "alphas_cumprod", t, x0)
+    return a**0.5 * noise - (1 - a) ** 0.5 * x0
+
+
+def eps_from_v(sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The eps that v and x_t imply: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    a = _at(sched, "alphas_cumprod", t, x_t)
+    return a**0.5 * v + (1 - a) ** 0.5 * x_t
 
 
 def q_posterior(sched: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
@@ -321,7 +340,7 @@ def p_sample_step(
     elif prediction_type == "epsilon":
         x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # DDPM eq. 15
     else:
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
     if thresholding is not None:
         x0 = dynamic_threshold(x0, *thresholding)
     elif clip_sample:
@@ -517,10 +536,15 @@ def training_losses(
     huber_schedule: str = "snr",
     use_soft_min_snr: bool = False,
     soft_min_snr_sigma_data: float = 0.5,
+    prediction_type: str = "epsilon",
     return_terms: bool = False,
 ):
     """Per-sample loss [B] for x_t = q_sample(sched, x0, noise_in, t), computed in float32; `noise` is the target
-    (noise_in is noise itself, or `input_perturbation`'s).
+    (noise_in is noise itself, or `input_perturbation`'s). With prediction_type="v_prediction" the first C channels
+    are v and their target is `v_target(sched, x0, noise, t)`: "the eps term" below is then the same term on v, its
+    SNR weightings times SNR_t / (1 + SNR_t) (v-MSE = eps-MSE / abar_t, so that is the eps weighting's own weight on
+    each t; min-SNR's becomes min(SNR_t, gamma) / (1 + SNR_t), Hang et al.'s for v), and the VLB term reads the
+    mean from the eps that v implies (`eps_from_v`).
 
     The eps term, on the C eps channels (v channels, if any, get no gradient from it):
     "mse": L_simple, DDPM eq. 14: mean over C, H, W of (eps - eps_theta)^2. "hybrid": improved DDPM's L_hybrid =
@@ -552,19 +576,27 @@ def training_losses(
             "snr_gamma and use_soft_min_snr are two weightings of the same term, and soft min-SNR is itself a soft "
             "min-SNR-gamma with gamma = 1 / soft_min_snr_sigma_data^2: set snr_gamma=None, or use_soft_min_snr=False"
         )
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
     out, x0, x_t, noise = model_output.float(), x0.float(), x_t.float(), noise.float()
+    v_pred = prediction_type == "v_prediction"
+    target = v_target(sched, x0, noise, t) if v_pred else noise
     if loss_type in ("huber", "smooth_l1"):
         c = huber_c_at(sched, t.to(x0.device), huber_c, huber_schedule).reshape(-1, 1, 1, 1)
-        mse = pseudo_huber(out[:, :C] - noise, c, loss_type).mean(dim=(1, 2, 3))  # [B], the eps term
+        mse = pseudo_huber(out[:, :C] - target, c, loss_type).mean(dim=(1, 2, 3))  # [B], the eps (or v) term
     else:
-        mse = ((noise - out[:, :C]) ** 2).mean(dim=(1, 2, 3))  # [B]
+        mse = ((target - out[:, :C]) ** 2).mean(dim=(1, 2, 3))  # [B]
+    snr = snr_at(sched, t, x0.device) if snr_gamma is not None or use_soft_min_snr else None
     if snr_gamma is not None:
-        snr = snr_at(sched, t, x0.device)
         mse = mse * snr.clamp(max=snr_gamma) / snr
     elif use_soft_min_snr:
-        mse = mse * soft_min_snr_weight(snr_at(sched, t, x0.device), soft_min_snr_sigma_data)
+        mse = mse * soft_min_snr_weight(snr, soft_min_snr_sigma_data)
+    if v_pred and snr is not None:
+        mse = mse * snr / (1 + snr)  # the eps weighting's weight per t, on v-MSE = eps-MSE / abar_t
     vlb = torch.zeros_like(mse)
     if trains_variance(loss_type, out.shape[1], C):
+        if v_pred:
+            out = torch.cat([eps_from_v(sched, x_t, t, out[:, :C]), out[:, C:]], dim=1)
         vlb = vlb_bpd(sched, out, x0, x_t, t) * (sched.num_train_timesteps / 1000.0)
     loss = mse + vlb_weight * vlb
     return (loss, {"mse": mse.detach(), "vlb": vlb.detach()}) if return_terms else loss

@@ -80,6 +80,7 @@ def make_class_images(cfg: Config, unet: UNet, cache, device, dtype, rank: int, 
         neg = cache.get([cfg.validation_negative_prompt]).to(device, dtype)
         kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}
         variance = diffusion.sampler_variance("hybrid", unet.config["out_channels"])  # the base's own variance head
+        kw["prediction_type"] = cfg.prediction_type if cfg.unet_config else sample.prediction_type_of(cfg.weights)
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.model_type == "lora":
             lora.set_lora_scale(unet, 0.0)

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import diffusion
 import quant
 import upscaler
 from config import stage_of, torch_dtype
@@ -136,7 +137,7 @@ def _start(unet, stage, batch, height, width, steps, timesteps, image, strength,
 
 
 def _denoise(unet, x, ts, text_emb, neg_emb, *, low_res=None, noise_level=None, mask=None, guidance, variance,
-             thresholding, clip_sample, generator, progress, desc):
+             thresholding, clip_sample, prediction_type, generator, progress, desc):
     """The reverse process from x at ts[0]: one U-Net call per timestep (the CFG pair batched as [negative, positive]),
     then one ancestral step. Stage II also feeds the noised, upsampled low-res image and its noise level. With a
     `mask` (inpainting) only the masked pixels take the step; the others keep their values, the original picture's,
@@ -153,13 +154,13 @@ def _denoise(unet, x, ts, text_emb, neg_emb, *, low_res=None, noise_level=None, 
     for i in tqdm(range(len(ts)), desc=desc, disable=not progress, leave=False):
         inp = x if low_res is None else torch.cat([x, low_res], dim=1)  # stage II: (B, 6, H, W), sample first
         out = unet(torch.cat([inp, inp]) if guided else inp, ts_on_device[i], text_emb, noise_level)  # (B|2B, ...)
-        if guided:  # Ho & Salimans 2022 eq. 6 on epsilon; the variance channels come from the conditional half
+        if guided:  # Ho & Salimans 2022 eq. 6 on epsilon (or v: linear in it alike); variance from the conditional half
             uncond, cond = out.chunk(2)  # (B, 2C, H, W) each, or (B, C, H, W) from an eps-only U-Net: no variance
             eps_u, eps_c = uncond[:, :C], cond[:, :C]
             out = torch.cat([eps_u + guidance * (eps_c - eps_u), cond[:, C:]], dim=1)
         prev_t = ts[i + 1] if i + 1 < len(ts) else -1
         step = p_sample_step(sched, out, ts[i], prev_t, x, variance=variance, thresholding=thresholding,
-                             clip_sample=clip_sample, generator=generator)
+                             clip_sample=clip_sample, prediction_type=prediction_type, generator=generator)
         x = step if mask is None else torch.where(mask, step, x)
     return x
 
@@ -167,12 +168,13 @@ def _denoise(unet, x, ts, text_emb, neg_emb, *, low_res=None, noise_level=None, 
 @torch.no_grad()
 def stage1(unet, text_emb, neg_emb, *, height=None, width=None, steps=100, guidance=7.0, variance="learned_range",
            thresholding=(0.95, 1.5), clip_sample=True, timesteps=None, generator=None, progress=False,
-           image=None, strength=1.0, mask=None) -> torch.Tensor:
+           image=None, strength=1.0, mask=None, prediction_type="epsilon") -> torch.Tensor:
     """Text to image: text_emb [B, L, 4096] (neg_emb [B or 1, L, 4096], or None for no guidance) -> [B, 3, H, W] in
     [-1, 1]; height x width defaults to the U-Net's sample_size (64). `timesteps`: "leading" (None, diffusers' IF
     default) or "trailing" with `steps`, an IF respacing ("smart100", ...) or a descending list, then `steps` is
     unused. `thresholding=(ratio, max)` is dynamic thresholding (Imagen sec. 2.3); None clips x_0 to [-1, 1] (if
-    clip_sample). The sample is kept in the U-Net's dtype, as the pipeline keeps it.
+    clip_sample). `prediction_type`: what the U-Net outputs, "epsilon" (IF's) or "v_prediction" (load_unet reads it
+    from the scheduler config). The sample is kept in the U-Net's dtype, as the pipeline keeps it.
 
     img2img (IFImg2ImgPipeline): `image` (one picture for all samples or one per sample; see prepare_image: a
     picture is resized so its short side is the U-Net's sample_size, a tensor is taken as is) is noised to the first
@@ -183,14 +185,15 @@ def stage1(unet, text_emb, neg_emb, *, height=None, width=None, steps=100, guida
     x, ts, mask = _start(unet, 1, text_emb.shape[0], height, width, steps, timesteps, image, strength, mask,
                          generator)  # x_T, or the noised picture
     return _denoise(unet, x, ts, text_emb, neg_emb, mask=mask, guidance=guidance, variance=variance,
-                    thresholding=thresholding, clip_sample=clip_sample, generator=generator, progress=progress,
-                    desc="stage I")
+                    thresholding=thresholding, clip_sample=clip_sample, prediction_type=prediction_type,
+                    generator=generator, progress=progress, desc="stage I")
 
 
 @torch.no_grad()
 def stage2(unet, low_res, text_emb, neg_emb, *, height=None, width=None, steps=50, guidance=4.0,
            noise_level=NOISE_LEVEL, variance="learned_range", thresholding=(0.95, 1.0), clip_sample=True,
-           timesteps=None, generator=None, progress=False, image=None, strength=1.0, mask=None) -> torch.Tensor:
+           timesteps=None, generator=None, progress=False, image=None, strength=1.0, mask=None,
+           prediction_type="epsilon") -> torch.Tensor:
     """Super-resolution: low_res [B, 3, h, w] in [-1, 1] (or a picture, taken at its size) -> [B, 3, height, width]
     in [-1, 1], by default the U-Net's sample_size (256). The low-res image is upsampled (bilinear,
     align_corners=True), noised to `noise_level` on the cosine schedule (noise augmentation, Ho et al. 2021
@@ -211,7 +214,7 @@ def stage2(unet, low_res, text_emb, neg_emb, *, height=None, width=None, steps=5
     up = low_res_condition(Schedule(), low_res.to(device, dtype), (height, width), noise, level)  # (B, 3, H, W)
     return _denoise(unet, x, ts, text_emb.expand(B, -1, -1), neg_emb, low_res=up, noise_level=level, mask=mask,
                     guidance=guidance, variance=variance, thresholding=thresholding, clip_sample=clip_sample,
-                    generator=generator, progress=progress, desc="stage II")
+                    prediction_type=prediction_type, generator=generator, progress=progress, desc="stage II")
 
 
 def cascade(unet1, unet2, text_emb, neg_emb, *, stage1_kw=None, stage2_kw=None, generator=None, progress=False):
@@ -352,6 +355,12 @@ def read_scheduler_config(path_or_id) -> dict | None:
         return None
 
 
+def prediction_type_of(path_or_id) -> str:
+    """What the weights' U-Net predicts, by their scheduler config: epsilon (IF's, and a config's default) or
+    v_prediction."""
+    return {**DDPM_DEFAULTS, **(read_scheduler_config(path_or_id) or {})}["prediction_type"]
+
+
 def read_unet_config(path_or_id) -> dict | None:
     """unet/config.json of a local folder (or of a bare unet folder) or of a Hub repo, read without any weights, to
     tell which stage the weights are for before loading them; None where there is none to read."""
@@ -408,10 +417,11 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
     found = read_scheduler_config(path_or_id)
     # no config: IF's own for this stage; a config that omits a key means diffusers' default
     s = {**DDPM_DEFAULTS, **(found if found is not None else scheduler_config(unet_stage))}
-    if (s["prediction_type"], s["beta_schedule"], s["steps_offset"]) != ("epsilon", "squaredcos_cap_v2", 0):
+    if (s["prediction_type"] not in diffusion.PREDICTION_TYPES or (s["beta_schedule"], s["steps_offset"])
+            != ("squaredcos_cap_v2", 0)):
         raise ValueError(f"{path_or_id}: scheduler config has prediction_type={s['prediction_type']!r}, beta_schedule="
-                         f"{s['beta_schedule']!r}, steps_offset={s['steps_offset']}; this sampler is IF's: epsilon, "
-                         f"squaredcos_cap_v2, 0")
+                         f"{s['beta_schedule']!r}, steps_offset={s['steps_offset']}; this sampler is IF's: epsilon "
+                         f"(or v_prediction), squaredcos_cap_v2, 0")
     if lora is not None:
         try:
             load_lora(unet, lora)
@@ -426,7 +436,7 @@ def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, a
     unet.set_attention_backend(attention)
     thresholding = (s["dynamic_thresholding_ratio"], s["sample_max_value"]) if s["thresholding"] else None
     return unet, dict(variance=auto_variance(meta, found), thresholding=thresholding, clip_sample=s["clip_sample"],
-                      timesteps=s["timestep_spacing"])
+                      timesteps=s["timestep_spacing"], prediction_type=s["prediction_type"])
 
 
 def _refuse_if(path_or_id) -> dict | None:

@@ -235,19 +235,22 @@ def score(images, captions: list[str], shapes=SHAPES) -> dict:
 
 
 def _model_and_cache(unet, cache):
-    """(U-Net in eval mode, TextCache, its sampler variance) from a U-Net or an output_dir, and a TextCache or its
-    folder (None: the demo's)."""
+    """(U-Net in eval mode, TextCache, its sampler options: variance and prediction_type) from a U-Net (which predicts
+    epsilon) or an output_dir (its scheduler config says), and a TextCache or its folder (None: the demo's)."""
+    import sample
     import t5cache
     from model import UNet
 
+    prediction = "epsilon"
     if isinstance(unet, (str, Path)):
-        unet = UNet.from_pretrained(unet)
+        unet, prediction = UNet.from_pretrained(unet), sample.prediction_type_of(unet)
     unet = unet.eval()
     if cache is None:
         cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
     if isinstance(cache, (str, Path)):
         cache = t5cache.TextCache(cache)
-    return unet, cache, ("learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small")
+    variance = "learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small"
+    return unet, cache, dict(variance=variance, prediction_type=prediction)
 
 
 def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,
@@ -259,7 +262,7 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
 
     import sample
 
-    unet, cache, variance = _model_and_cache(unet, cache)
+    unet, cache, how = _model_and_cache(unet, cache)
     captions = captions or every_caption(shapes)
     gen = torch.Generator().manual_seed(seed)
     images = []
@@ -267,7 +270,7 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
         for i in range(0, len(captions), batch):
             part = captions[i:i + batch]
             x = sample.stage1(unet, cache.get(part), cache.get([""]), height=size[1], width=size[0], steps=steps,
-                              guidance=guidance, variance=variance, generator=gen)
+                              guidance=guidance, generator=gen, **how)
             images += list(x.float())
     result = score(images, captions, shapes)
     result["images"] = images
@@ -276,12 +279,13 @@ def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int =
 
 def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, guidance: float | None = None,
                  noise_level: int | None = None, variance: str | None = None, strength: float = 1.0, seed: int = 0,
-                 limit: int = 24) -> dict:
+                 limit: int = 24, prediction_type: str | None = None) -> dict:
     """Stage II against bilinear on held-out pictures: each picture in `folder` whose short side is at least `size`
     is brought to `size` px on its short side (centre square), then 4x down as training does (data.resize); the
     stage II U-Net (a U-Net or an output_dir) and bilinear interpolation each bring that back up, and both are
     scored by PSNR (dB, 8-bit pixels) against the `size` px picture. strength < 1: stage II starts from the bilinear
     upscale noised part way (IF's img2img super-resolution with it as the original) instead of from pure noise.
+    variance, prediction_type: None for the output_dir's own (a bare U-Net: by its channels, and epsilon).
     -> {"stage2", "bilinear", "n"}: mean PSNRs."""
     import numpy as np
     import torch
@@ -291,8 +295,8 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
     import data
     import sample
 
-    unet, cache, learned = _model_and_cache(unet, cache)
-    variance = variance or learned
+    unet, cache, how = _model_and_cache(unet, cache)
+    how = {"variance": variance or how["variance"], "prediction_type": prediction_type or how["prediction_type"]}
     kw = {} if guidance is None else {"guidance": guidance}
     if noise_level is not None:
         kw["noise_level"] = noise_level
@@ -325,7 +329,7 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
             text = cache.get([path.with_suffix(".txt").read_text().strip()])
             start = {} if strength == 1.0 else {"image": up, "strength": strength}
             x = sample.stage2(unet, low_t, text, neg, height=None if start else size, width=None if start else size,
-                              steps=steps, variance=variance, generator=gen, **start, **kw)
+                              steps=steps, generator=gen, **how, **start, **kw)
             target = np.asarray(high)
             ours.append(psnr(np.asarray(data.to_pil(x)[0]), target))
             bilinear.append(psnr(np.asarray(data.to_pil(up)[0]), target))

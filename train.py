@@ -187,7 +187,8 @@ class Run:
 
 def check_options(cfg: Config, world: int) -> None:
     """Refuse, before anything is loaded, loss options out of range (diffusion.py's own checks, run on a one-pixel
-    batch) and what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do instead."""
+    batch), an adapter whose prediction_type is not its base's, and what fused_backward (optim.py) and quantise_base
+    (quant.py) cannot do, saying what to do instead."""
     z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
     diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg),
                               return_terms=True)
@@ -198,6 +199,12 @@ def check_options(cfg: Config, world: int) -> None:
         raise ValueError("push_to_hub / push_checkpoints_to_hub upload to hub_model_id: set it, e.g. "
                          "hub_model_id='user/corgi-lora'")
     prior.check_options(cfg)
+    if cfg.unet_config is None and (cfg.model_type == "lora" or cfg.use_bitfit):
+        base = sample.prediction_type_of(cfg.weights)
+        if base != cfg.prediction_type:
+            raise ValueError(f"{cfg.weights} predicts {base} (its scheduler config) but the config says "
+                             f"prediction_type={cfg.prediction_type!r}: an adapter or bitfit trains on the base's own "
+                             f"objective, set prediction_type={base!r} (a full fine-tune may convert it)")
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
@@ -277,7 +284,7 @@ def loss_options(cfg: Config, weighted: bool = True) -> dict:
     """The config's options of diffusion.training_losses; `weighted=False` leaves the SNR weightings out (the
     held-out loss stays comparable across them)."""
     options = dict(loss_type=cfg.loss_type, vlb_weight=cfg.vlb_weight, huber_c=cfg.huber_c,
-                   huber_schedule=cfg.huber_schedule)
+                   huber_schedule=cfg.huber_schedule, prediction_type=cfg.prediction_type)
     if weighted:
         options |= dict(snr_gamma=cfg.snr_gamma, use_soft_min_snr=cfg.use_soft_min_snr,
                         soft_min_snr_sigma_data=cfg.soft_min_snr_sigma_data)
@@ -379,7 +386,7 @@ def save_weights(unet: UNet, cfg: Config, directory: Path, source: str, state_di
         return
     unet.save_pretrained(directory / "unet", state_dict)
     (directory / "scheduler").mkdir(exist_ok=True)
-    config = json.dumps(diffusion.scheduler_config(cfg.stage, variance), indent=2)
+    config = json.dumps(diffusion.scheduler_config(cfg.stage, variance, cfg.prediction_type), indent=2)
     (directory / "scheduler" / "scheduler_config.json").write_text(config)
 
 
@@ -556,6 +563,7 @@ def validate(r: Run, tag: str = "", beside: Path | None = None) -> Path:
     unet.eval()
     variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
     kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}  # None: the stage's own
+    kw["prediction_type"] = cfg.prediction_type
     neg = r.cache.get([cfg.validation_negative_prompt]).to(device, dtype)
     gen = torch.Generator(device).manual_seed(cfg.validation_seed)
     sizes, images, labels = validation_sizes(cfg, r.loader), [], []

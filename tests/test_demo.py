@@ -194,6 +194,7 @@ def test_demo_lora_and_stage2_configs_train(demo, tmp_path):
                             shapes=(*shapes.SHAPES, "star"))  # each colour once, the backgrounds in turn
     assert stars["shape"] < 0.4, stars
     assert UNet.from_pretrained(ii_out).config["in_channels"] == 6
+    assert sample.load_unet(ii_out, device="cpu")[1]["prediction_type"] == "v_prediction"  # (docs/demo.md: why)
     grid = Image.open(ii_out / "samples" / "step-000004.png")
     assert grid.width >= 3 * 128  # low-res, upscaled and original side by side
 
@@ -204,5 +205,6 @@ def test_the_upscale_check_fails_an_untrained_stage2():
     noise, scores far below it, so beating bilinear is something only a trained upscaler does."""
     cfg = load_config(["configs/demo_ii.py"])
     torch.manual_seed(0)
-    got = shapes.upscale_psnr(build(cfg.unet_config), ROOT / "data" / "demo" / "heldout", steps=4, limit=2)
+    got = shapes.upscale_psnr(build(cfg.unet_config), ROOT / "data" / "demo" / "heldout", steps=4, limit=2,
+                              prediction_type=cfg.prediction_type)
     assert got["n"] == 2 and got["bilinear"] > 20 and got["stage2"] < got["bilinear"] - 10, got

@@ -128,10 +128,10 @@ def step_inputs(t, seed=0, channels=6):
     return torch.cat([eps, v], 1)[:, :channels], x_t
 
 
-def reference_step(variance, thresholding, timesteps, t, model_output, x_t, seed):
+def reference_step(variance, thresholding, timesteps, t, model_output, x_t, seed, prediction_type="epsilon"):
     ref = reference(
         variance_type=variance, thresholding=thresholding is not None,
-        sample_max_value=thresholding[1] if thresholding else 1.0,
+        sample_max_value=thresholding[1] if thresholding else 1.0, prediction_type=prediction_type,
     )
     ref.set_timesteps(timesteps=timesteps)
     g = torch.Generator().manual_seed(seed)
@@ -168,6 +168,34 @@ def test_step_equals_ddpm_scheduler_step(sched, variance, thresholding, spec, in
         got6 = D.p_sample_step(sched, full, t, prev_t, x_t, variance=variance, thresholding=thresholding,
                                generator=torch.Generator().manual_seed(7))
         assert torch.equal(got6, expected)
+
+
+@pytest.mark.parametrize("variance,thresholding", STEP_CASES[1:2] + STEP_CASES[3:])
+@pytest.mark.parametrize("index", [0, 13, 26])
+def test_v_prediction_step_equals_ddpm_scheduler_step(sched, variance, thresholding, index):
+    """The first C channels read as v: the model output is the true v of step_inputs' x_0 and noise, perturbed."""
+    timesteps = D.timesteps_for("smart27")
+    t, prev_t = timesteps[index], timesteps[index + 1] if index + 1 < len(timesteps) else -1
+    model_output, x_t = step_inputs(t, channels=6 if variance == "learned_range" else 3)
+    a = reference().alphas_cumprod[t]
+    model_output[:, :3] = a**0.5 * model_output[:, :3] - (1 - a) ** 0.5 * x_t  # (not exactly v: eps was perturbed)
+    expected, _ = reference_step(variance, thresholding, timesteps, t, model_output, x_t, 7, "v_prediction")
+    got = D.p_sample_step(sched, model_output, t, prev_t, x_t, variance=variance, thresholding=thresholding,
+                          prediction_type="v_prediction", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, expected)
+    eps_read = D.p_sample_step(sched, model_output, t, prev_t, x_t, variance=variance, thresholding=thresholding,
+                               generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(eps_read, expected)  # the prediction type is not ignored
+
+
+def test_v_target_and_its_eps_are_diffusers_velocity_and_invert_q_sample(sched):
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1, torch.randn(5, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 250, 900, 999])
+    assert torch.equal(D.v_target(sched, x0, noise, t), reference().get_velocity(x0, noise, t))
+    x_t = D.q_sample(sched, x0, noise, t)
+    # eps = sqrt(abar) v + sqrt(1 - abar) x_t: each term is O(1) in float32, so the sum is good to a few ulp
+    torch.testing.assert_close(D.eps_from_v(sched, x_t, t, D.v_target(sched, x0, noise, t)), noise, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variance", ["learned_range", "fixed_small"])

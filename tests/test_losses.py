@@ -256,6 +256,35 @@ def test_hybrid_and_mse_are_unchanged_bit_for_bit(sched, dtype):
                        reference_training_losses(sched, three, x0, x_t, t, noise, loss_type="mse"))
 
 
+@pytest.mark.parametrize("loss_type", ["hybrid", "mse"])
+def test_v_prediction_loss_is_the_eps_loss_of_the_same_prediction(sched, loss_type):
+    """A v output and the eps it implies (eps_from_v) predict the same x_0: the VLB term is the same bit for bit (it
+    reads that eps); unweighted, v-MSE = eps-MSE / abar_t; min-SNR and soft min-SNR weight the two alike. t up to 990:
+    there abar_t = 2e-4, and the eps error sqrt(abar) (v - v_hat) stands ~1e-2 above eps's float32 rounding, so the
+    ratio holds to ~1e-5 (rel 1e-4 asserted); at 999 (abar 2e-9) float32 cannot carry it."""
+    t = torch.tensor([0, 1, 250, 500, 900, 990])
+    x0, noise, out = loss_inputs(t, seed=11)
+    x_t = D.q_sample(sched, x0, noise, t)
+    v_out = out.clone()
+    v_out[:, :3] = D.v_target(sched, x0, noise, t) + 0.3 * out[:, :3]  # v, off by an O(1) error
+    eps_out = torch.cat([D.eps_from_v(sched, x_t, t, v_out[:, :3]), v_out[:, 3:]], 1)
+    a = sched.alphas_cumprod[t]
+    for weights in (dict(), dict(snr_gamma=5.0), dict(snr_gamma=0.5), dict(use_soft_min_snr=True)):
+        kw = dict(loss_type=loss_type, return_terms=True, **weights)
+        _, v_terms = D.training_losses(sched, v_out, x0, x_t, t, noise, prediction_type="v_prediction", **kw)
+        _, eps_terms = D.training_losses(sched, eps_out, x0, x_t, t, noise, **kw)
+        assert torch.equal(v_terms["vlb"], eps_terms["vlb"])
+        want = eps_terms["mse"] / a if not weights else eps_terms["mse"]
+        torch.testing.assert_close(v_terms["mse"], want, rtol=1e-4, atol=0)
+    exact = torch.cat([D.v_target(sched, x0, noise, t), out[:, 3:]], 1)
+    for kind in ("mse", "huber"):  # the exact v has no eps (or v) term: the target is v, not noise
+        _, terms = D.training_losses(sched, exact, x0, x_t, t, noise, loss_type=kind, prediction_type="v_prediction",
+                                     return_terms=True)
+        assert torch.equal(terms["mse"], torch.zeros(len(t)))
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        D.training_losses(sched, out, x0, x_t, t, noise, prediction_type="sample")
+
+
 # ---- offset noise and input perturbation -----------------------------------------------------
 
 

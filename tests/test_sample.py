@@ -95,6 +95,22 @@ CASES = [  # variance, guidance, thresholding, timesteps
 ]
 
 
+@pytest.mark.parametrize("variance,thresholding", [("learned_range", True), ("fixed_small", False)])
+def test_stage1_with_v_prediction_equals_ifpipeline(folders, variance, thresholding):
+    """A scheduler config of prediction_type v_prediction: the guided output is read as v, bit for bit as the
+    pipeline reads it (and not as epsilon)."""
+    ours_kw, sched_kw, call_kw = kwargs_for(variance, thresholding, None, steps=5)
+    text, neg = embeddings()
+    pipe = pipeline(folders[0], 1, prediction_type="v_prediction", **sched_kw)
+    expected = pipe(prompt_embeds=text, negative_prompt_embeds=neg, height=16, width=24, guidance_scale=7.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt", **call_kw).images
+    ours = lambda prediction_type: sample.stage1(
+        DiffusersUNet(pipe.unet), text, neg, height=16, width=24, guidance=7.0, prediction_type=prediction_type,
+        generator=torch.Generator().manual_seed(0), **ours_kw)
+    assert torch.equal(ours("v_prediction"), expected)
+    assert not torch.equal(ours("epsilon"), expected)
+
+
 @pytest.mark.parametrize("variance,guidance,thresholding,timesteps", CASES)
 def test_stage1_equals_ifpipeline(folders, variance, guidance, thresholding, timesteps):
     ours_kw, sched_kw, call_kw = kwargs_for(variance, thresholding, timesteps, steps=5)
@@ -106,7 +122,8 @@ def test_stage1_equals_ifpipeline(folders, variance, guidance, thresholding, tim
                           generator=torch.Generator().manual_seed(0), **ours_kw)
     assert torch.equal(exact, expected)  # the sampler alone: bit for bit
     unet, defaults = sample.load_unet(folders[0])
-    assert defaults == dict(variance="learned_range", thresholding=(0.95, 1.5), clip_sample=True, timesteps="leading")
+    assert defaults == dict(variance="learned_range", thresholding=(0.95, 1.5), clip_sample=True, timesteps="leading",
+                            prediction_type="epsilon")
     ours_kw = {**defaults, **ours_kw}
     calls = []
     unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))

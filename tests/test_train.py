@@ -218,6 +218,24 @@ def test_sigkill_and_resume_is_exact(project, tmp_path):
         assert (tmp_path / "a" / name).exists(), name
 
 
+def test_a_v_prediction_run_says_so_and_its_adapters_must_too(project, tmp_path):
+    """prediction_type='v_prediction' (stage II from scratch): the loss is told, the scheduler config says so and
+    load_unet hands it to the sampler; a LoRA on that base that says epsilon is refused before it trains, one that
+    says v_prediction trains."""
+    cfg = config(project, tmp_path, stage=2, prediction_type="v_prediction", max_train_steps=2)
+    assert train.loss_options(cfg)["prediction_type"] == "v_prediction"
+    train.main(cfg)
+    base = tmp_path / "out"
+    assert json.loads((base / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert sample.load_unet(base, device="cpu")[1]["prediction_type"] == "v_prediction"
+    lora_cfg = dict(stage=2, unet_config=None, pretrained=str(base), model_type="lora", max_train_steps=1)
+    with pytest.raises(ValueError, match="predicts v_prediction .* set prediction_type='v_prediction'"):
+        train.main(config(project, tmp_path, output_dir=str(tmp_path / "a"), **lora_cfg))
+    assert not (tmp_path / "a").exists()
+    train.main(config(project, tmp_path, output_dir=str(tmp_path / "b"), prediction_type="v_prediction", **lora_cfg))
+    assert (tmp_path / "b" / train.LORA_FILE).is_file()
+
+
 MEMORY_OPTIONS = {
     "fused+8bit": dict(fused_backward=True, optimizer_state="8bit"),  # clipping by the last step's norm
     "factored": dict(factored_second_moment=True),
