@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sharded_checkpoints_resume_exactly_and_on_another_world_size(project, tmp_path):  # noqa: F811
-    """Six steps on 2 sharded ranks (A); three (B), then three more from B's checkpoint on 2 ranks equal A bit for
-    bit, and on 1 rank equal A within the bound of test_two_gloo_processes_equal_one (1e-5: the only difference
-    left is the order fp32 sums the gradient); three on 1 rank, then three on 2, likewise. fp32 weights and
-    moments and an EMA, so the resharded moments are exact too."""
+    """Six steps on 2 sharded ranks (A); three more from A's checkpoint of step 3 on 2 ranks equal A bit for bit,
+    and on 1 rank equal A within the bound of test_two_gloo_processes_equal_one (1e-5: the only difference left is
+    the order fp32 sums the gradient); three on 1 rank, then three on 2, likewise. fp32 weights and moments and an
+    EMA, so the resharded moments are exact too."""
     cfg = config(project, tmp_path, max_train_steps=6, checkpointing_steps=3, train_batch_size=2, adam_epsilon=1e-3,
                  parallelism="fsdp", use_ema=True, mixed_precision="fp32")
     path = write_config(cfg, tmp_path / "c.py")
@@ -33,18 +33,18 @@ def test_sharded_checkpoints_resume_exactly_and_on_another_world_size(project, t
         return done
 
     launch("a", 2, 6)
-    launch("b", 2, 3)
-    state = json.loads((tmp_path / "b" / "checkpoint-3" / "training_state.json").read_text())
-    assert state["sharded"] and state["world_size"] == 2 and (tmp_path / "b" / "checkpoint-3" / "sharded").is_dir()
-    assert not load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors")).keys() - {
+    middle = tmp_path / "a" / "checkpoint-3"
+    state = json.loads((middle / "training_state.json").read_text())
+    assert state["sharded"] and state["world_size"] == 2 and (middle / "sharded").is_dir()
+    assert not load_file(str(middle / "training_state.safetensors")).keys() - {
         "rng.train", "rng.cpu"}  # moments and EMA are in sharded/, the weights in unet/
     for out, nproc in (("b2", 2), ("b1", 1)):
-        shutil.copytree(tmp_path / "b" / "checkpoint-3", tmp_path / out / "checkpoint-3")
+        shutil.copytree(middle, tmp_path / out / "checkpoint-3")
         assert "resumed from" in launch(out, nproc, 6, resume=True).stdout
     launch("c", 1, 3)
     launch("c", 2, 6, resume=True)
     a = weights(tmp_path / "a")
-    init = {k: v.clone() for k, v in weights(tmp_path / "b" / "checkpoint-3").items()}
+    init = {k: v.clone() for k, v in weights(middle).items()}
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the last three steps moved the weights
     b2 = weights(tmp_path / "b2")
     assert all(torch.equal(a[k], b2[k]) for k in a)
