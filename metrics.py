@@ -19,7 +19,7 @@ def wandb_id(out: Path) -> str:
 class Metrics:
     """metrics.jsonl (one JSON object per line), and TensorBoard scalars and grids with report_to='tensorboard'.
     A resumed run first drops what the interrupted one logged after its checkpoint (`resumed_at`), so each step is
-    in the log once."""
+    in the log once; a new run starts the log afresh."""
 
     def __init__(self, out: Path, report_to: str, resumed_at: int | None = None, config: dict | None = None,
                  run_id: str | None = None):
@@ -30,7 +30,7 @@ class Metrics:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(rows))
             os.replace(tmp, path)
-        self.file, self.tb, self.wandb = open(path, "a"), None, None
+        self.file, self.tb, self.wandb = open(path, "a" if resumed_at is not None else "w"), None, None
         if report_to == "wandb":
             try:
                 import wandb

@@ -187,8 +187,9 @@ class Run:
 
 def check_options(cfg: Config, world: int) -> None:
     """Refuse, before anything is loaded, loss options out of range (diffusion.py's own checks, run on a one-pixel
-    batch), an adapter whose prediction_type is not its base's, and what fused_backward (optim.py) and quantise_base
-    (quant.py) cannot do, saying what to do instead."""
+    batch), a new run into an output_dir that holds an earlier run's checkpoints, an adapter whose prediction_type is
+    not its base's, and what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do
+    instead."""
     z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
     diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg),
                               return_terms=True)
@@ -199,6 +200,11 @@ def check_options(cfg: Config, world: int) -> None:
         raise ValueError("push_to_hub / push_checkpoints_to_hub upload to hub_model_id: set it, e.g. "
                          "hub_model_id='user/corgi-lora'")
     prior.check_options(cfg)
+    earlier = [p.name for p in _checkpoints(Path(cfg.output_dir)).values()] if not cfg.resume_from_checkpoint else []
+    if earlier:
+        raise ValueError(f"output_dir {cfg.output_dir} holds an earlier run's checkpoints ({', '.join(earlier)}); a "
+                         f"new run there would mix its checkpoints and log with that run's: continue it with "
+                         f"--resume_from_checkpoint=latest, or train into another output_dir")
     if cfg.unet_config is None and (cfg.model_type == "lora" or cfg.use_bitfit):
         base = sample.prediction_type_of(cfg.weights)
         if base != cfg.prediction_type:
