@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 import data
-import diffusion
 import lora
 import parallel
 import sample
@@ -79,8 +78,7 @@ def make_class_images(cfg: Config, unet: UNet, cache, device, dtype, rank: int, 
         text = cache.get([cfg.class_prompt]).to(device, dtype)
         neg = cache.get([cfg.validation_negative_prompt]).to(device, dtype)
         kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}
-        variance = diffusion.sampler_variance("hybrid", unet.config["out_channels"])  # the base's own variance head
-        kw["prediction_type"] = cfg.prediction_type if cfg.unet_config else sample.prediction_type_of(cfg.weights)
+        kw |= sample.sampler_of(unet, None if cfg.unet_config else cfg.weights)  # as the base itself samples
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.model_type == "lora":
             lora.set_lora_scale(unet, 0.0)
@@ -90,7 +88,7 @@ def make_class_images(cfg: Config, unet: UNet, cache, device, dtype, rank: int, 
             for done in tqdm(range(0, missing, cfg.sample_batch_size), desc="class images", disable=rank != 0):
                 n = min(cfg.sample_batch_size, missing - done)  # seeded by its first image's number: reproducible
                 gen = torch.Generator(device).manual_seed(zlib.crc32(f"{cfg.seed}:class:{have + done}".encode()))
-                x = sample.stage1(unet, text.expand(n, -1, -1), neg, height=h, width=w, variance=variance,
+                x = sample.stage1(unet, text.expand(n, -1, -1), neg, height=h, width=w,
                                   steps=cfg.validation_num_inference_steps, generator=gen, **kw)
                 for image in data.to_pil(x) if rank == 0 else ():
                     name = next(names)

@@ -361,6 +361,15 @@ def prediction_type_of(path_or_id) -> str:
     return {**DDPM_DEFAULTS, **(read_scheduler_config(path_or_id) or {})}["prediction_type"]
 
 
+def sampler_of(unet, path_or_id=None) -> dict:
+    """How a U-Net without a LoRA samples: the variance and prediction_type of its weights' scheduler config
+    (path_or_id; none, or no path: IF's, learned_range and epsilon), fixed_small whatever the config says when the
+    U-Net has no variance channels (3 outputs)."""
+    found = read_scheduler_config(path_or_id) if path_or_id is not None else None
+    variance = auto_variance(None, found) if unet.config.get("out_channels", 3) == 6 else "fixed_small"
+    return dict(variance=variance, prediction_type=prediction_type_of(path_or_id) if found else "epsilon")
+
+
 def read_unet_config(path_or_id) -> dict | None:
     """unet/config.json of a local folder (or of a bare unet folder) or of a Hub repo, read without any weights, to
     tell which stage the weights are for before loading them; None where there is none to read."""

@@ -235,22 +235,21 @@ def score(images, captions: list[str], shapes=SHAPES) -> dict:
 
 
 def _model_and_cache(unet, cache):
-    """(U-Net in eval mode, TextCache, its sampler options: variance and prediction_type) from a U-Net (which predicts
-    epsilon) or an output_dir (its scheduler config says), and a TextCache or its folder (None: the demo's)."""
+    """(U-Net in eval mode, TextCache, its sampler options: sample.sampler_of) from a U-Net or an output_dir, and a
+    TextCache or its folder (None: the demo's)."""
     import sample
     import t5cache
     from model import UNet
 
-    prediction = "epsilon"
-    if isinstance(unet, (str, Path)):
-        unet, prediction = UNet.from_pretrained(unet), sample.prediction_type_of(unet)
+    path = unet if isinstance(unet, (str, Path)) else None
+    if path is not None:
+        unet = UNet.from_pretrained(path)
     unet = unet.eval()
     if cache is None:
         cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
     if isinstance(cache, (str, Path)):
         cache = t5cache.TextCache(cache)
-    variance = "learned_range" if unet.config.get("out_channels", 3) == 6 else "fixed_small"
-    return unet, cache, dict(variance=variance, prediction_type=prediction)
+    return unet, cache, sample.sampler_of(unet, path)
 
 
 def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,

@@ -11,7 +11,7 @@ import lora
 import sample
 import t5cache
 from config import load_config
-from model import UNet
+from model import UNet, build, tiny_config
 
 IF_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
                     dynamic_thresholding_ratio=0.95, clip_sample=True, prediction_type="epsilon",
@@ -324,3 +324,17 @@ def test_scheduler_config_is_read_beside_unet_in_a_run_folder(tmp_path):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"variance_type": "fixed_small"}))
     assert sample.read_scheduler_config(tmp_path)["variance_type"] == "fixed_small"
     assert sample.read_scheduler_config(tmp_path / "unet")["variance_type"] == "fixed_small"
+
+
+def test_sampler_of_a_bare_unet_follows_its_channels_and_scheduler_config(tmp_path):
+    """How class images and the demo's judge sample a U-Net without a LoRA: IF's learned_range and epsilon by
+    default; fixed_small for a U-Net without variance channels, whatever the loss that would train it; the variance
+    and prediction type a full fine-tune's scheduler config records."""
+    six, three = build(tiny_config()), build({**tiny_config(), "out_channels": 3})
+    assert sample.sampler_of(six) == dict(variance="learned_range", prediction_type="epsilon")
+    assert sample.sampler_of(three) == dict(variance="fixed_small", prediction_type="epsilon")
+    six.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    config = dict(sample.scheduler_config(1, "fixed_small"), prediction_type="v_prediction")
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    assert sample.sampler_of(six, tmp_path) == dict(variance="fixed_small", prediction_type="v_prediction")
