@@ -16,7 +16,7 @@ unet_config = dict(
     up_block_types=["SimpleCrossAttnUpBlock2D"] + ["ResnetUpsampleBlock2D"] * 3,
     class_embed_type="timestep", time_embedding_act_fn="gelu", resnet_skip_time_act=True,
     resnet_out_scale_factor=1.4142271248762552, mid_block_scale_factor=1.4142271248762552,
-    norm_num_groups=4,  # 4+ channels a group, as IF's (32 groups of 128+); demo.py's 16 would make the 16-channel
+    norm_num_groups=4,  # 4 channels a group (IF-II-L: 5, 32 groups of 160); demo.py's 16 would make the 16-channel
     # level a per-channel norm, which strips each channel's mean, the colour the low-res input tells
 )
 # Stage II is fully convolutional: it trains on 64 px crops (16 px low-res partners) at the pictures' native scale,
