@@ -115,8 +115,8 @@ class Config:
     )
     prediction_type: Literal["epsilon", "v_prediction"] = _opt(
         "epsilon", "what the U-Net's output predicts: epsilon (IF's weights); v_prediction (v = sqrt(abar) eps - "
-        "sqrt(1 - abar) x0) for a U-Net trained from scratch or a full fine-tune that converts one; a LoRA trains "
-        "its base's own; written to scheduler/scheduler_config.json"
+        "sqrt(1 - abar) x0) for a U-Net trained from scratch or a full fine-tune that converts one; a LoRA must "
+        "give its base's (checked); written to scheduler/scheduler_config.json; sample.py reads it from there"
     )
     vlb_weight: float = _opt(1.0, "weight of the VLB term, relative to improved-DDPM's lambda=0.001 over 1000 steps")
     huber_schedule: Literal["constant", "exponential", "snr"] = _opt(

@@ -43,7 +43,7 @@ SHOWN = ["model_flavour", "model_type", "loss_type", "learning_rate", "lr_schedu
          "gradient_accumulation_steps", "mixed_precision", "caption_dropout_probability", "seed"]
 SHOWN_LORA = ["lora_rank", "lora_alpha", "lora_targets"]
 SHOWN_STAGE_II = ["noise_aug_range"]
-SHOWN_IF_SET = ["use_dora", "use_bitfit", "lora_dropout", "quantise_base", "vlb_weight", "snr_gamma",
+SHOWN_IF_SET = ["use_dora", "use_bitfit", "lora_dropout", "quantise_base", "prediction_type", "vlb_weight", "snr_gamma",
                 "timestep_sampling", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
                 "max_grad_norm", "optimizer_state", "factored_second_moment", "fused_backward", "fp32_master",
                 "use_ema", "ema_decay", "tokenizer_max_length", "clean_caption", "text_encoder_dtype"]

@@ -43,7 +43,7 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("report_to='tensorboard' needs TensorBoard: pip install tensorboard") from e
-            purge = None if resumed_at is None else resumed_at + 1  # TensorBoard hides events logged after this
+            purge = 0 if resumed_at is None else resumed_at + 1  # TensorBoard hides events logged from this on
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:

@@ -403,7 +403,8 @@ def _refuse_x4(path_or_id, stage: int | None) -> None:
 
 def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa", stage=None,
               quantise=None):
-    """A U-Net for sampling, and its sampler settings {variance, thresholding, clip_sample, timesteps} (from the
+    """A U-Net for sampling, and its sampler settings {variance, thresholding, clip_sample, timesteps,
+    prediction_type} (from the
     scheduler config beside it, else IF's; variance by auto_variance) to pass on to stage1/stage2/cascade.
     dtype: config.torch_dtype's "auto" (bf16 on GPUs with it, else fp32). A LoRA (and the biases a bitfit run
     saved with it) is loaded and merged into the weights (no extra cost per step).
@@ -676,7 +677,8 @@ def _says(stage: int, weights, kw: dict) -> str:
         what = ""
     else:
         what = f" {'inpainting' if kw.get('mask') is not None else 'img2img'} strength={kw['strength']}"
-    return f"stage {ROMAN[stage]} {weights} {kw['width']}x{kw['height']}{what} variance={kw['variance']}"
+    v = " prediction_type=v_prediction" if kw.get("prediction_type") == "v_prediction" else ""
+    return f"stage {ROMAN[stage]} {weights} {kw['width']}x{kw['height']}{what} variance={kw['variance']}{v}"
 
 
 def run_stage3(cfg, lows: list[torch.Tensor], prompts: list[str], generator, device, dtype) -> list[torch.Tensor]:

@@ -234,9 +234,9 @@ def score(images, captions: list[str], shapes=SHAPES) -> dict:
     return {**{k: v / n for k, v in res.items()}, "verdicts": verdicts}
 
 
-def _model_and_cache(unet, cache):
-    """(U-Net in eval mode, TextCache, its sampler options: sample.sampler_of) from a U-Net or an output_dir, and a
-    TextCache or its folder (None: the demo's)."""
+def _model_and_cache(unet, cache, **given):
+    """(U-Net in eval mode, TextCache, its sampler options: sample.sampler_of, less those `given` not None) from a
+    U-Net or an output_dir, and a TextCache or its folder (None: the demo's)."""
     import sample
     import t5cache
     from model import UNet
@@ -249,19 +249,21 @@ def _model_and_cache(unet, cache):
         cache = Path(__file__).resolve().parent / "data" / "demo" / "t5_cache"
     if isinstance(cache, (str, Path)):
         cache = t5cache.TextCache(cache)
-    return unet, cache, sample.sampler_of(unet, path)
+    return unet, cache, {**sample.sampler_of(unet, path), **{k: v for k, v in given.items() if v is not None}}
 
 
 def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,
-             guidance: float = 4.0, size=(32, 32), shapes=SHAPES, batch: int = 45) -> dict:
+             guidance: float = 4.0, size=(32, 32), shapes=SHAPES, batch: int = 45,
+             prediction_type: str | None = None) -> dict:
     """Sample each caption once (stage I, as train.validate does: learned-range variance, the empty negative
     prompt, `steps` and `guidance` as the demo validates) with fixed seeds and judge the pictures.
-    unet: a U-Net or a trained output_dir; cache: a TextCache or its folder (default: the demo's)."""
+    unet: a U-Net or a trained output_dir; cache: a TextCache or its folder (default: the demo's);
+    prediction_type: None for the output_dir's own (a bare U-Net: epsilon)."""
     import torch
 
     import sample
 
-    unet, cache, how = _model_and_cache(unet, cache)
+    unet, cache, how = _model_and_cache(unet, cache, prediction_type=prediction_type)
     captions = captions or every_caption(shapes)
     gen = torch.Generator().manual_seed(seed)
     images = []
@@ -294,8 +296,7 @@ def upscale_psnr(unet, folder, cache=None, *, size: int = 128, steps: int = 25, 
     import data
     import sample
 
-    unet, cache, how = _model_and_cache(unet, cache)
-    how = {"variance": variance or how["variance"], "prediction_type": prediction_type or how["prediction_type"]}
+    unet, cache, how = _model_and_cache(unet, cache, variance=variance, prediction_type=prediction_type)
     kw = {} if guidance is None else {"guidance": guidance}
     if noise_level is not None:
         kw["noise_level"] = noise_level

@@ -16,8 +16,8 @@ unet_config = dict(
     up_block_types=["SimpleCrossAttnUpBlock2D"] + ["ResnetUpsampleBlock2D"] * 3,
     class_embed_type="timestep", time_embedding_act_fn="gelu", resnet_skip_time_act=True,
     resnet_out_scale_factor=1.4142271248762552, mid_block_scale_factor=1.4142271248762552,
-    norm_num_groups=4,  # 4 channels a group (IF-II-L: 5, 32 groups of 160); demo.py's 16 would make the 16-channel
-    # level a per-channel norm, which strips each channel's mean, the colour the low-res input tells
+    norm_num_groups=4,  # 4 channels a group at the first level (IF-II-L: 5); demo.py's 16 would make that level a
+    # per-channel norm, which strips each channel's mean, the colour the low-res input tells
 )
 # Stage II is fully convolutional: it trains on 64 px crops (16 px low-res partners) at the pictures' native scale,
 # 4x cheaper than whole 128 px pictures, and samples at 128 px. Pictures under 128 px are skipped, not upscaled.
@@ -29,11 +29,11 @@ train_batch_size = 8
 learning_rate = 2e-3
 # Two departures from IF's stage II recipe (docs/demo.md has the measurements). It predicts v, not epsilon: at the
 # highest t, where only the low-res input tells the picture, an x0 read from epsilon divides the U-Net's error by
-# sqrt(alpha-bar) (0.06 at t = 960), and a model trained for minutes gets the colours wrong there, which sampling
-# from noise never recovers. And augmentation levels are drawn in [0, 500) instead of [0, 1000) (the input is never
-# pure noise). Neither of demo.py's loss options suits it: offset noise teaches stage I a background's colour, the
-# picture's mean, but stage II is told the mean by its low-res input (held-out loss 0.082 with it, 0.041 without);
-# min-SNR weighting under-trains the low noise levels where the upscale gets its detail.
+# sqrt(alpha-bar), and a model trained for minutes gets the colours wrong there, which sampling from noise never
+# recovers. And augmentation levels are drawn in [0, 500) instead of [0, 1000) (the input is never pure noise).
+# Neither of demo.py's loss options suits it: offset noise teaches stage I a background's colour, the picture's
+# mean, but stage II is told the mean by its low-res input; min-SNR weighting under-trains the low noise levels
+# where the upscale gets its detail.
 prediction_type = "v_prediction"
 snr_gamma = None
 noise_aug_range = (0, 500)

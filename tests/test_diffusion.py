@@ -173,12 +173,13 @@ def test_step_equals_ddpm_scheduler_step(sched, variance, thresholding, spec, in
 @pytest.mark.parametrize("variance,thresholding", STEP_CASES[1:2] + STEP_CASES[3:])
 @pytest.mark.parametrize("index", [0, 13, 26])
 def test_v_prediction_step_equals_ddpm_scheduler_step(sched, variance, thresholding, index):
-    """The first C channels read as v: the model output is the true v of step_inputs' x_0 and noise, perturbed."""
+    """The first C channels read as v (x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, then thresholded or clipped), bit for
+    bit as diffusers reads them."""
     timesteps = D.timesteps_for("smart27")
     t, prev_t = timesteps[index], timesteps[index + 1] if index + 1 < len(timesteps) else -1
     model_output, x_t = step_inputs(t, channels=6 if variance == "learned_range" else 3)
     a = reference().alphas_cumprod[t]
-    model_output[:, :3] = a**0.5 * model_output[:, :3] - (1 - a) ** 0.5 * x_t  # (not exactly v: eps was perturbed)
+    model_output[:, :3] = a**0.5 * model_output[:, :3] - (1 - a) ** 0.5 * x_t  # some output of the size of a v
     expected, _ = reference_step(variance, thresholding, timesteps, t, model_output, x_t, 7, "v_prediction")
     got = D.p_sample_step(sched, model_output, t, prev_t, x_t, variance=variance, thresholding=thresholding,
                           prediction_type="v_prediction", generator=torch.Generator().manual_seed(7))

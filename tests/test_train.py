@@ -221,17 +221,20 @@ def test_sigkill_and_resume_is_exact(project, tmp_path):
 def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_and_a_new_log_starts_afresh(project, tmp_path):
     """A run without resume_from_checkpoint into an output_dir that holds checkpoints would mix two runs (a later
     "latest" could pick the earlier run's): refused before it writes anything. With no checkpoint there, a new run
-    starts its own log instead of appending to the earlier one's."""
-    train.main(config(project, tmp_path, max_train_steps=2, checkpointing_steps=2))
+    starts its own log instead of appending to the earlier one's, and TensorBoard shows its steps only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.main(config(project, tmp_path, max_train_steps=3, checkpointing_steps=2, report_to="tensorboard"))
     out = tmp_path / "out"
     before = {p: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")}
     with pytest.raises(ValueError, match=r"checkpoint-2\); .* --resume_from_checkpoint=latest"):
         train.main(config(project, tmp_path, max_train_steps=4, checkpointing_steps=2, learning_rate=2e-3))
     assert all(p.read_bytes() == b for p, b in before.items())
     shutil.rmtree(out / "checkpoint-2")
-    train.main(config(project, tmp_path, max_train_steps=2, checkpointing_steps=5))
+    train.main(config(project, tmp_path, max_train_steps=2, checkpointing_steps=5, report_to="tensorboard"))
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [e.step for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("loss")] == [1, 2]
 
 
 def test_a_v_prediction_run_says_so_and_its_adapters_must_too(project, tmp_path):
