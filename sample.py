@@ -355,10 +355,10 @@ def read_scheduler_config(path_or_id) -> dict | None:
         return None
 
 
-def prediction_type_of(path_or_id) -> str:
-    """What the weights' U-Net predicts, by their scheduler config: epsilon (IF's, and a config's default) or
-    v_prediction."""
-    return {**DDPM_DEFAULTS, **(read_scheduler_config(path_or_id) or {})}["prediction_type"]
+def prediction_of(scheduler_config: dict | None) -> str:
+    """What a U-Net predicts by its scheduler config (read_scheduler_config's): epsilon (IF's, and the default where
+    the config is missing or silent) or v_prediction."""
+    return {**DDPM_DEFAULTS, **(scheduler_config or {})}["prediction_type"]
 
 
 def sampler_of(unet, path_or_id=None) -> dict:
@@ -367,7 +367,7 @@ def sampler_of(unet, path_or_id=None) -> dict:
     U-Net has no variance channels (3 outputs)."""
     found = read_scheduler_config(path_or_id) if path_or_id is not None else None
     variance = auto_variance(None, found) if unet.config.get("out_channels", 3) == 6 else "fixed_small"
-    return dict(variance=variance, prediction_type=prediction_type_of(path_or_id) if found else "epsilon")
+    return dict(variance=variance, prediction_type=prediction_of(found))
 
 
 def read_unet_config(path_or_id) -> dict | None:
@@ -404,8 +404,8 @@ def _refuse_x4(path_or_id, stage: int | None) -> None:
 def load_unet(path_or_id, *, dtype=None, device=None, variant=None, lora=None, attention="sdpa", stage=None,
               quantise=None):
     """A U-Net for sampling, and its sampler settings {variance, thresholding, clip_sample, timesteps,
-    prediction_type} (from the
-    scheduler config beside it, else IF's; variance by auto_variance) to pass on to stage1/stage2/cascade.
+    prediction_type} (from the scheduler config beside it, else IF's; variance by auto_variance) to pass on to
+    stage1/stage2/cascade.
     dtype: config.torch_dtype's "auto" (bf16 on GPUs with it, else fp32). A LoRA (and the biases a bitfit run
     saved with it) is loaded and merged into the weights (no extra cost per step).
     `stage` (1 or 2) refuses weights of the other stage. `quantise`: hold the weights in int8 (quant.py), the

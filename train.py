@@ -206,7 +206,7 @@ def check_options(cfg: Config, world: int) -> None:
                          f"new run there would mix its checkpoints and log with that run's: continue it with "
                          f"--resume_from_checkpoint=latest, or train into another output_dir")
     if cfg.unet_config is None and (cfg.model_type == "lora" or cfg.use_bitfit):
-        base = sample.prediction_type_of(cfg.weights)
+        base = sample.prediction_of(sample.read_scheduler_config(cfg.weights))
         if base != cfg.prediction_type:
             raise ValueError(f"{cfg.weights} predicts {base} (its scheduler config) but the config says "
                              f"prediction_type={cfg.prediction_type!r}: an adapter or bitfit trains on the base's own "

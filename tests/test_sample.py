@@ -335,6 +335,6 @@ def test_sampler_of_a_bare_unet_follows_its_channels_and_scheduler_config(tmp_pa
     assert sample.sampler_of(three) == dict(variance="fixed_small", prediction_type="epsilon")
     six.save_pretrained(tmp_path / "unet")
     (tmp_path / "scheduler").mkdir()
-    config = dict(sample.scheduler_config(1, "fixed_small"), prediction_type="v_prediction")
+    config = sample.scheduler_config(1, "fixed_small", "v_prediction")
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     assert sample.sampler_of(six, tmp_path) == dict(variance="fixed_small", prediction_type="v_prediction")
