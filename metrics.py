@@ -9,11 +9,17 @@ import os
 from pathlib import Path
 
 
-def wandb_id(out: Path) -> str:
-    """One Weights & Biases run per output_dir, so a resumed run logs on in the run it continues."""
-    import hashlib
+def wandb_id(out: Path, resumed: bool) -> str:
+    """The Weights & Biases run id of the run in `out`: a resumed run logs on in the run it continues (its id is
+    kept in out/wandb_id), a new run gets a new id (a new run may reuse an output_dir that holds no checkpoint)."""
+    import secrets
 
-    return "if-tune-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+    path = out / "wandb_id"
+    if resumed and path.is_file():
+        return path.read_text().strip()
+    run_id = "if-tune-" + secrets.token_hex(6)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 class Metrics:
@@ -21,8 +27,7 @@ class Metrics:
     A resumed run first drops what the interrupted one logged after its checkpoint (`resumed_at`), so each step is
     in the log once; a new run starts the log afresh."""
 
-    def __init__(self, out: Path, report_to: str, resumed_at: int | None = None, config: dict | None = None,
-                 run_id: str | None = None):
+    def __init__(self, out: Path, report_to: str, resumed_at: int | None = None, config: dict | None = None):
         path = out / "metrics.jsonl"
         if resumed_at is not None and path.exists():
             lines = path.read_text().splitlines(keepends=True)
@@ -37,7 +42,7 @@ class Metrics:
             except ImportError as e:
                 raise ImportError("report_to='wandb' needs Weights & Biases: pip install wandb") from e
             self.wandb = wandb.init(project="if-tune", name=out.name, dir=str(out), config=config,
-                                    resume="allow", id=run_id)
+                                    resume="allow", id=wandb_id(out, resumed_at is not None))
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -41,7 +41,7 @@ import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
 from lora import LORA_FILE
-from metrics import Metrics, plot_losses, wandb_id
+from metrics import Metrics, plot_losses
 from model import UNet, build, read_weights
 from optim import AdamW
 
@@ -274,7 +274,7 @@ def setup(cfg: Config) -> Run:
         load_checkpoint(resume, r)
     if rank == 0:
         r.metrics = Metrics(out, cfg.report_to, resumed_at=r.step if resume is not None else None,
-                            config=cfg.to_dict(), run_id=wandb_id(out))
+                            config=cfg.to_dict())
         if resume is not None:
             print(f"resumed from {resume} at step {r.step}")
         print(f"training {sum(p.numel() for p in params):,} parameters ({cfg.model_type}"

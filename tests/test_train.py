@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -851,6 +852,12 @@ def test_wandb_gets_the_scalars_and_grids_metrics_jsonl_gets(project, tmp_path, 
     logged = [(s, r) for s, r in calls[1:-1] if "validation" not in r]
     assert [(s, set(r)) for s, r in logged] == [(row["step"], set(row) - {"step"}) for row in rows]
     assert any(s == 2 and r.get("validation", [None])[0] == "image" for s, r in calls[1:-1])
+    train.main(replace(cfg, max_train_steps=4, resume_from_checkpoint="latest"))  # logs on in the run it continues
+    for ckpt in Path(cfg.output_dir).glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    train.main(replace(cfg, validation_steps=0))  # a new run in the same output_dir (no checkpoints left): a new id
+    ids = [kw["id"] for kw in (c[1] for c in calls if c[0] == "init")]
+    assert len(ids) == 3 and ids[1] == ids[0] and ids[2] != ids[0]
 
 
 def test_wandb_offline_writes_its_run_in_output_dir(project, tmp_path, monkeypatch):
@@ -863,5 +870,6 @@ def test_wandb_offline_writes_its_run_in_output_dir(project, tmp_path, monkeypat
                  validation_steps=2, validation_num_inference_steps=2, validation_resolution="32")
     train.main(cfg)
     run = next((Path(cfg.output_dir) / "wandb").glob("offline-run-*"))
-    assert run.name.endswith(metrics.wandb_id(Path(cfg.output_dir))) and list(run.glob("run-*.wandb"))
+    run_id = metrics.wandb_id(Path(cfg.output_dir), resumed=True)  # the id kept in output_dir for a resume
+    assert run.name.endswith(run_id) and list(run.glob("run-*.wandb"))
     assert list((run / "files" / "media" / "images").glob("validation_2_*.png"))
