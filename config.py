@@ -113,10 +113,11 @@ class Config:
         "hybrid", "hybrid: epsilon MSE + VLB that trains the variance channels (as IF was trained); mse: epsilon "
         "only; huber / smooth_l1: scheduled pseudo-Huber on epsilon (Khrapov et al. 2024), beside hybrid's VLB"
     )
-    prediction_type: Literal["epsilon", "v_prediction"] = _opt(
-        "epsilon", "what the U-Net's output predicts: epsilon (IF's weights); v_prediction (v = sqrt(abar) eps - "
-        "sqrt(1 - abar) x0) for a U-Net trained from scratch or a full fine-tune that converts one; a LoRA must "
-        "give its base's (checked); written to scheduler/scheduler_config.json; sample.py reads it from there"
+    prediction_type: Literal["epsilon", "v_prediction"] | None = _opt(
+        None, "what the U-Net's output predicts: None for the base weights' own (their scheduler config's; IF's: "
+        "epsilon; a U-Net built from unet_config: epsilon); v_prediction (v = sqrt(abar) eps - sqrt(1 - abar) x0) "
+        "trains one from scratch or converts one in a full fine-tune; a LoRA or bitfit keeps its base's (checked); "
+        "written to scheduler/scheduler_config.json, where sample.py reads it"
     )
     vlb_weight: float = _opt(1.0, "weight of the VLB term, relative to improved-DDPM's lambda=0.001 over 1000 steps")
     huber_schedule: Literal["constant", "exponential", "snr"] = _opt(

@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -185,11 +185,18 @@ class Run:
     dry: bool = False  # a dry run's fake tensors have no values: its loss counts as finite
 
 
-def check_options(cfg: Config, world: int) -> None:
+def check_options(cfg: Config, world: int) -> Config:
     """Refuse, before anything is loaded, loss options out of range (diffusion.py's own checks, run on a one-pixel
     batch), a new run into an output_dir that holds an earlier run's checkpoints, an adapter whose prediction_type is
     not its base's, and what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do
-    instead."""
+    instead. Returns cfg with prediction_type=None made the base's own (what the run trains and writes)."""
+    adapter = cfg.model_type == "lora" or cfg.use_bitfit
+    if cfg.unet_config is not None or (cfg.prediction_type is not None and not adapter):
+        base = "epsilon"  # a random init's; a full fine-tune that says its prediction_type need not read its base's
+    else:
+        base = sample.prediction_of(sample.read_scheduler_config(cfg.weights))
+    if cfg.prediction_type is None:
+        cfg = replace(cfg, prediction_type=base)
     z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
     diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg),
                               return_terms=True)
@@ -205,12 +212,10 @@ def check_options(cfg: Config, world: int) -> None:
         raise ValueError(f"output_dir {cfg.output_dir} holds an earlier run's checkpoints ({', '.join(earlier)}); a "
                          f"new run there would mix its checkpoints and log with that run's: continue it with "
                          f"--resume_from_checkpoint=latest, or train into another output_dir")
-    if cfg.unet_config is None and (cfg.model_type == "lora" or cfg.use_bitfit):
-        base = sample.prediction_of(sample.read_scheduler_config(cfg.weights))
-        if base != cfg.prediction_type:
-            raise ValueError(f"{cfg.weights} predicts {base} (its scheduler config) but the config says "
-                             f"prediction_type={cfg.prediction_type!r}: an adapter or bitfit trains on the base's own "
-                             f"objective, set prediction_type={base!r} (a full fine-tune may convert it)")
+    if cfg.unet_config is None and adapter and base != cfg.prediction_type:
+        raise ValueError(f"{cfg.weights} predicts {base} (its scheduler config) but the config says "
+                         f"prediction_type={cfg.prediction_type!r}: an adapter or bitfit trains on the base's own "
+                         f"objective, leave prediction_type unset (a full fine-tune may convert it)")
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
@@ -221,7 +226,7 @@ def check_options(cfg: Config, world: int) -> None:
         raise ValueError("factored_second_moment keeps row and column means of each matrix, and FSDP spreads a "
                          "matrix's rows over the ranks: use optimizer_state='8bit', or parallelism='ddp'")
     if not cfg.fused_backward:
-        return
+        return cfg
     if cfg.gradient_accumulation_steps > 1:
         raise ValueError("fused_backward updates each parameter as soon as its gradient is complete, so gradients "
                          "cannot accumulate over micro-batches: set gradient_accumulation_steps=1 (raise "
@@ -229,12 +234,13 @@ def check_options(cfg: Config, world: int) -> None:
     if world > 1 and parallel.engine(cfg) == "ddp":
         raise ValueError("fused_backward would step on each rank's own gradient, before DDP averages it: use "
                          "parallelism='fsdp' (it steps on the reduced shards), or turn fused_backward off")
+    return cfg
 
 
 def setup(cfg: Config) -> Run:
     """Devices and processes, data, text, the model, the optimizer and, with resume_from_checkpoint, their state."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    check_options(cfg, world)
+    cfg = check_options(cfg, world)
     if cfg.device:
         device = torch.device(cfg.device)
     else:
@@ -685,6 +691,7 @@ def run(cfg: Config, stop: list) -> dict:
     from tqdm import tqdm
 
     r = setup(cfg)
+    cfg = r.cfg  # as check_options completed it (prediction_type)
     if r.step == 0 and cfg.validation_steps:
         if r.rank == 0 or r.sharded:  # (sharded, every rank runs the forward; rank 0 writes)
             evaluate(r, grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
@@ -784,15 +791,12 @@ def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
     fake=True runs on fake tensors (no memory, no GPU, no weights, images or T5); fake=False on real zeroed CPU
     tensors, which is how tests check the fake count; flops=False skips the FLOP pass. Returns the counts
     (memory_estimate.json's keys)."""
-    import dataclasses
-
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     import memory
 
-    cfg = dataclasses.replace(cfg, unet_config=unet_config_of(cfg), compile=False)
-    check_options(cfg, 1)
+    cfg = check_options(replace(cfg, unet_config=unet_config_of(cfg), compile=False), 1)
     # planned for a GPU with bf16 (Ampere or newer), where mixed_precision="auto" means bf16
     dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
     (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps

@@ -238,22 +238,29 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_and_a_new_log_sta
     assert [e.step for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("loss")] == [1, 2]
 
 
-def test_a_v_prediction_run_says_so_and_its_adapters_must_too(project, tmp_path):
+def test_a_v_prediction_run_says_so_and_what_trains_on_it_keeps_it(project, tmp_path):
     """prediction_type='v_prediction' (stage II from scratch): the loss is told, the scheduler config says so and
-    load_unet hands it to the sampler; a LoRA on that base that says epsilon is refused before it trains, one that
-    says v_prediction trains."""
+    load_unet hands it to the sampler. On that base, prediction_type left unset is the base's own: a LoRA and a full
+    fine-tune train v (the fine-tune writes it again); a LoRA that says epsilon is refused before it trains."""
     cfg = config(project, tmp_path, stage=2, prediction_type="v_prediction", max_train_steps=2)
     assert train.loss_options(cfg)["prediction_type"] == "v_prediction"
     train.main(cfg)
     base = tmp_path / "out"
     assert json.loads((base / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert sample.load_unet(base, device="cpu")[1]["prediction_type"] == "v_prediction"
-    lora_cfg = dict(stage=2, unet_config=None, pretrained=str(base), model_type="lora", max_train_steps=1)
-    with pytest.raises(ValueError, match="predicts v_prediction .* set prediction_type='v_prediction'"):
-        train.main(config(project, tmp_path, output_dir=str(tmp_path / "a"), **lora_cfg))
+    on_base = dict(stage=2, unet_config=None, pretrained=str(base), max_train_steps=1)
+    with pytest.raises(ValueError, match="predicts v_prediction .* leave prediction_type unset"):
+        train.main(config(project, tmp_path, output_dir=str(tmp_path / "a"), model_type="lora",
+                          prediction_type="epsilon", **on_base))
     assert not (tmp_path / "a").exists()
-    train.main(config(project, tmp_path, output_dir=str(tmp_path / "b"), prediction_type="v_prediction", **lora_cfg))
+    lora_cfg = config(project, tmp_path, output_dir=str(tmp_path / "b"), model_type="lora", **on_base)
+    assert train.loss_options(train.check_options(lora_cfg, 1))["prediction_type"] == "v_prediction"
+    train.main(lora_cfg)
     assert (tmp_path / "b" / train.LORA_FILE).is_file()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["prediction_type"] == "v_prediction"
+    train.main(config(project, tmp_path, output_dir=str(tmp_path / "c"), model_type="full", **on_base))
+    written = json.loads((tmp_path / "c" / "scheduler" / "scheduler_config.json").read_text())
+    assert written["prediction_type"] == "v_prediction"  # not converted to IF's epsilon
 
 
 MEMORY_OPTIONS = {
