@@ -179,22 +179,22 @@ def case_train(stack, flavour, mode, batch, height, width, ckpt, dtype, device, 
 
 def estimate(stack, flavour, mode, batch, size, ckpt, rank=32) -> dict:
     """The predicted peak of live tensors and the FLOPs of one bf16 training step at real size, counted on fake
-    tensors (memory.py): ours through train.estimate_step (the real setup_model and train_step), the reference as
+    tensors (memory.py): ours through dryrun.estimate_step (the real setup_model and train_step), the reference as
     diffusers' UNet2DConditionModel (+ peft LoRA on the same targets) with torch.optim.AdamW (foreach, as on CUDA)
     and the same loss. Nothing is allocated or downloaded, so it runs in this process."""
     import config
     import diffusion
+    import dryrun
     import lora
     import memory
     import model
-    import train
 
     square = {"instance_data_dir": "-", "resolution": size, "crop": True, "crop_aspect": "square"}
     cfg = config.Config(model_flavour=flavour, model_type=mode, lora_rank=rank, train_batch_size=batch,
                         gradient_checkpointing=ckpt, mixed_precision="bf16", output_dir=tempfile.gettempdir(),
                         datasets=[square])
     if stack == "ours":
-        est = train.estimate_step(cfg)
+        est = dryrun.estimate_step(cfg)
         return {"peak_gib": est["peak_bytes"] / memory.GiB, "tflop": est["flops_per_step"] / 1e12,
                 "peak_phase": est["peak_phase"]}
     from diffusers import UNet2DConditionModel
@@ -202,7 +202,7 @@ def estimate(stack, flavour, mode, batch, size, ckpt, rank=32) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    def one_step(counter, live=None) -> None:  # memory and FLOPs in separate passes, as train.estimate_step
+    def one_step(counter, live=None) -> None:  # memory and FLOPs in separate passes, as dryrun.estimate_step
         with torch.device("meta"):
             unet = UNet2DConditionModel(**model.FLAVOURS[flavour]["config"])
         if mode == "lora":
@@ -270,12 +270,12 @@ MEMORY_OPTIONS = {  # name -> (model_type, gradient checkpointing, the options);
 
 def memory_option_rows(flavours=("i-medium-400m", "i-xlarge-4.3b", "ii-medium-450m", "ii-large-1.2b")) -> list[dict]:
     """Each memory option's predicted peak per flavour (stage I batch 4 at 64 px, stage II batch 1 at 256 px), its
-    T5 cache build and sample.py's peak, on fake tensors (train.estimate_step, sample.estimate)."""
+    T5 cache build and sample.py's peak, on fake tensors (dryrun.estimate_step, sample.estimate)."""
     import config
+    import dryrun
     import memory
     import model
     import sample
-    import train
 
     rows = []
     for flavour in flavours:
@@ -286,11 +286,11 @@ def memory_option_rows(flavours=("i-medium-400m", "i-xlarge-4.3b", "ii-medium-45
             cfg = config.Config(model_flavour=flavour, model_type=mode, lora_rank=32, train_batch_size=4 if size == 64
                                 else 1, gradient_checkpointing=ckpt, mixed_precision="bf16",
                                 output_dir=tempfile.gettempdir(), datasets=[square], **options)
-            est = train.estimate_step(cfg, flops=False)
+            est = dryrun.estimate_step(cfg, flops=False)
             row = {"flavour": flavour, "option": name, "batch": cfg.train_batch_size, "size": size,
                    "peak_gib": est["peak_bytes"] / memory.GiB}
             if mode == "lora":  # the rest of the job on the same card: the T5 cache and sampling
-                sampling = sample.estimate(cfg, train.unet_config_of(cfg))
+                sampling = sample.estimate(cfg, dryrun.unet_config_of(cfg))
                 row |= {"t5_gib": sampling["t5_peak_bytes"] / memory.GiB,
                         "sample_gib": sampling["unet_peak_bytes"] / memory.GiB}
             rows.append(row)
@@ -646,6 +646,7 @@ def smoke_train(root: Path, row: dict, device: str) -> dict:
 
     import torch._dynamo
 
+    import lora
     import train
     from config import torch_dtype
 
@@ -665,7 +666,7 @@ def smoke_train(root: Path, row: dict, device: str) -> dict:
             raise KeyboardInterrupt
         steps = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]  # not the eval_loss rows
         result["steps"] = [{"loss": r["loss"], "grad_norm": r["grad_norm"]} for r in steps]
-        final = out / (train.LORA_FILE if cfg.model_type == "lora" else "unet")
+        final = out / (lora.LORA_FILE if cfg.model_type == "lora" else "unet")
         missing = [p.name for p in (final, out / "checkpoint-2", out / "samples" / "step-000002.png") if not p.exists()]
         if summary["step"] != 2 or missing:
             raise RuntimeError(f"ran {summary['step']} steps; missing {missing}")
@@ -716,9 +717,9 @@ def smoke_sample(root: Path, results: list[dict], device: str):
     the LoRA files loaded onto their bases (sample.load_unet) through sample.cascade, whose images must be finite."""
     import contextlib
 
+    import lora
     import sample
     import t5cache
-    import train
     from config import Config
 
     def trained(stage, kinds):
@@ -741,8 +742,8 @@ def smoke_sample(root: Path, results: list[dict], device: str):
 
     def cascade_lora():
         one, two = trained(1, ["lora", "dora"]), trained(2, ["lora", "lora+bitfit"])
-        unet1, kw1 = sample.load_unet(one / "base", lora=one / train.LORA_FILE, device=device, stage=1)
-        unet2, kw2 = sample.load_unet(two / "base", lora=two / train.LORA_FILE, device=device, stage=2)
+        unet1, kw1 = sample.load_unet(one / "base", lora=one / lora.LORA_FILE, device=device, stage=1)
+        unet2, kw2 = sample.load_unet(two / "base", lora=two / lora.LORA_FILE, device=device, stage=2)
         cache = t5cache.TextCache(root / "cache")
         emb, neg = cache.get([SMOKE_PROMPT]), cache.get([""])
         low, high = sample.cascade(unet1, unet2, emb, neg, stage1_kw={**kw1, "height": 16, "width": 16, "steps": 2},

@@ -7,7 +7,7 @@
 
 The card is the Hub's format: YAML front matter (base_model, license, tags, ...) and a markdown body with the last
 validation grid, the settings that matter and how to sample the weights here and in diffusers, for what the run
-saved (train.save_weights): a LoRA file (stage I or II) or a full unet/ + scheduler/ (stage I or II).
+saved (checkpoint.save_weights): a LoRA file (stage I or II) or a full unet/ + scheduler/ (stage I or II).
 
 An upload never raises into the training run: a failure prints one line with the reason, where the files are and
 the `hf upload` command that retries it, and returns False. Uploads run one at a time in submission order (one
@@ -185,7 +185,7 @@ def _diffusers_code(cfg: Config, variance: str, where: str, is_repo: bool, promp
 
 
 def saved_variance(cfg: Config, directory: str | Path) -> str:
-    """The variance the weights train.save_weights wrote in `directory` sample with: the LoRA file's metadata, or
+    """The variance the weights checkpoint.save_weights wrote in `directory` sample with: the LoRA file's metadata, or
     the scheduler config beside unet/, each read as sample.auto_variance reads it."""
     directory = Path(directory)
     if cfg.model_type == "lora":
@@ -195,7 +195,7 @@ def saved_variance(cfg: Config, directory: str | Path) -> str:
 
 def card_text(cfg: Config, variance: str, *, repo_id: str | None = None, folder: str | Path = ".",
               step: int | None = None, grid: bool = False) -> str:
-    """The model card for the weights train.save_weights wrote for `cfg` (in `folder`, or on the Hub at `repo_id`),
+    """The model card for the weights checkpoint.save_weights wrote for `cfg` (in `folder`, or on the Hub at `repo_id`),
     which sample with `variance` (saved_variance), at training step `step` (None: the last); `grid`: whether
     grid.png lies beside it."""
     import yaml  # a huggingface_hub dependency
@@ -255,7 +255,7 @@ def card_text(cfg: Config, variance: str, *, repo_id: str | None = None, folder:
 
 def write_card(cfg: Config, directory: str | Path, *, repo_id: str | None = None, step: int | None = None,
                grid: str | Path | None = None) -> Path:
-    """Write README.md (the model card) into `directory`, the folder train.save_weights filled (output_dir or a
+    """Write README.md (the model card) into `directory`, the folder checkpoint.save_weights filled (output_dir or a
     checkpoint-N), and copy the validation grid beside it as grid.png. `repo_id`: where the folder will be pushed
     (the card's code loads from it; None: from `directory`). `step`: the step the weights are from (None: the
     last). `grid`: the PNG to show (None: the newest grid in output_dir/samples at or before `step`).

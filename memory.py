@@ -1,5 +1,5 @@
 """What a step costs before a GPU is rented: the bytes of every tensor it keeps alive, its FLOPs, and what that
-means on the common GPUs. train.py's dry run (`python train.py CONFIG --dry_run`) and bench.py use it.
+means on the common GPUs. The dry run (dryrun.py, `python train.py CONFIG --dry_run`) and bench.py use it.
 
     with LiveBytes() as live, FlopCounterMode(display=False) as flops:
         ...one training step, on fake tensors or real ones...

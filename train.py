@@ -15,12 +15,9 @@ What it does differently from the popular trainers (docs/if.md, section 5):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import time
@@ -30,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import diffusion
 import hub
@@ -40,9 +38,8 @@ import quant
 import sample
 import t5cache
 from config import Config, parse_args, stage_of, torch_dtype
-from lora import LORA_FILE
 from metrics import Metrics, plot_losses
-from model import UNet, build, read_weights
+from model import UNet, build
 from optim import AdamW
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +204,8 @@ def check_options(cfg: Config, world: int) -> Config:
         raise ValueError("push_to_hub / push_checkpoints_to_hub upload to hub_model_id: set it, e.g. "
                          "hub_model_id='user/corgi-lora'")
     prior.check_options(cfg)
-    earlier = [p.name for p in _checkpoints(Path(cfg.output_dir)).values()] if not cfg.resume_from_checkpoint else []
+    done = {} if cfg.resume_from_checkpoint else checkpoint.completed(Path(cfg.output_dir))
+    earlier = [p.name for p in done.values()]
     if earlier:
         raise ValueError(f"output_dir {cfg.output_dir} holds an earlier run's checkpoints ({', '.join(earlier)}); a "
                          f"new run there would mix its checkpoints and log with that run's: continue it with "
@@ -275,9 +273,9 @@ def setup(cfg: Config) -> Run:
     r = Run(cfg, rank, world, device, dtype, out, diffusion.Schedule(), loader, cache, unet, unet, params, source, opt,
             opt.weights() if cfg.use_ema else None, rngs, eval_items, group=group, sharded=sharded,
             class_loader=class_loader, regularised=any(ds["is_regularisation_data"] for ds in loader.datasets))
-    resume = find_checkpoint(cfg)
+    resume = checkpoint.find_checkpoint(cfg)
     if resume is not None:
-        load_checkpoint(resume, r)
+        checkpoint.load_checkpoint(resume, r)
     if rank == 0:
         r.metrics = Metrics(out, cfg.report_to, resumed_at=r.step if resume is not None else None,
                             config=cfg.to_dict())
@@ -376,171 +374,6 @@ def train_step(r: Run, batches) -> dict:
     total = terms["mse"] + cfg.vlb_weight * terms["vlb"] + cfg.prior_loss_weight * terms.get("prior_loss", 0.0) \
         + cfg.regularisation_loss_weight * terms.get("regularisation_loss", 0.0)
     return {"loss": total, **terms, "lr": lr, "grad_norm": norm}
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary directory, then renamed (a crash never leaves half a checkpoint)
-
-
-
-def save_weights(unet: UNet, cfg: Config, directory: Path, source: str, state_dict: dict | None = None,
-                 ema: bool = False) -> None:
-    """The trained weights in their final format: a LoRA file diffusers loads (with use_bitfit, plus the trained
-    biases in the file beside it that the LoRA file names, see lora.py), or, for model_type='full' (all weights, or
-    with use_bitfit only the biases), a complete diffusers unet/ + scheduler/ folder that sample.py and diffusers
-    take as the base weights. `state_dict`: the U-Net's whole state when it is sharded (parallel.full_state_dict)."""
-    variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
-    meta = {"variance_trained": str(variance == "learned_range").lower(), "base_model": source, "stage": str(cfg.stage)}
-    meta |= {"base_quantised": "int8"} if cfg.quantise_base else {}  # sample.py then samples on the int8 base too
-    meta |= {"ema": "true"} if ema else {}  # the final weights of a use_ema run are the EMA (checkpoints: the raw)
-    if cfg.model_type == "lora":
-        lora.save_lora(unet, directory / LORA_FILE, metadata=meta, biases=cfg.use_bitfit)
-        return
-    unet.save_pretrained(directory / "unet", state_dict)
-    (directory / "scheduler").mkdir(exist_ok=True)
-    config = json.dumps(diffusion.scheduler_config(cfg.stage, variance, cfg.prediction_type), indent=2)
-    (directory / "scheduler" / "scheduler_config.json").write_text(config)
-
-
-def load_weights(unet: UNet, cfg: Config, directory: Path) -> None:
-    """The inverse of save_weights for a run being resumed: the trained parameters of `unet` (already built as the
-    run builds it) get their values back, bit for bit, from the files save_weights wrote in `directory`."""
-    if cfg.model_type == "lora":
-        lora.restore_lora(unet, directory / LORA_FILE, biases=cfg.use_bitfit)
-        return
-    trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    state = read_weights(directory / "unet", dtype=next(iter(trained.values())).dtype, keep=trained.__contains__)
-    if state.keys() != trained.keys():
-        raise ValueError(f"{directory / 'unet'} lacks trained weights: {sorted(trained.keys() - state.keys())[:8]}")
-    with torch.no_grad():
-        for n, p in trained.items():
-            p.copy_(state[n])
-
-
-def _checkpoints(out: Path) -> dict[int, Path]:
-    """step -> the complete checkpoint of that step in `out`. checkpoint-N, or checkpoint-N.old where a crash came
-    between moving the old checkpoint-N aside and renaming its replacement into place (see save_checkpoint);
-    .tmp folders are never complete."""
-    found: dict[int, Path] = {}
-    for p in sorted(out.glob("checkpoint-*"), key=lambda p: p.name.endswith(".old")):  # checkpoint-N first
-        m = re.fullmatch(r"checkpoint-(\d+)(\.old)?", p.name)
-        if m and p.is_dir():
-            found.setdefault(int(m[1]), p)
-    return dict(sorted(found.items()))
-
-
-def save_checkpoint(r: Run) -> Path | None:
-    """checkpoint-<step>/: the weights as save_weights writes them, and the training state that a resume needs to
-    continue exactly. Rank 0 writes it; sharded (FSDP), every rank first sends its weight shards to rank 0 and
-    writes its moment shards itself through torch.distributed.checkpoint (sharded/, readable at any world size).
-    Never is there a moment without a complete checkpoint of this step once one existed: an existing checkpoint-N
-    is moved to checkpoint-N.old, the new one renamed into place, then the old one deleted. Then only the newest
-    checkpoints_total_limit are kept."""
-    from safetensors.torch import save_file
-
-    whole = parallel.full_state_dict(r.unet) if r.sharded else None
-    final, tmp, old = (r.out / f"checkpoint-{r.step}{suffix}" for suffix in ("", ".tmp", ".old"))
-    if r.rank == 0:
-        for left in r.out.glob("checkpoint-*.tmp"):  # what crashes left: half-written checkpoints go,
-            shutil.rmtree(left, ignore_errors=True)
-        for left in r.out.glob("checkpoint-*.old"):  # a moved-aside one is put back where its replacement is missing
-            if left.with_suffix("").exists():
-                shutil.rmtree(left, ignore_errors=True)
-            else:
-                os.replace(left, left.with_suffix(""))
-        tmp.mkdir(parents=True)
-    if r.sharded:
-        parallel.wait_for_rank0(r.group, r.cfg, f"checkpoint-{r.step}.tmp to exist")
-        parallel.save_sharded(sharded_state(r), tmp / "sharded")
-        save_file({"rounding": r.rngs["rounding"].get_state()}, str(tmp / f"rounding-rank{r.rank}.safetensors"))
-        parallel.wait_for_rank0(r.group, r.cfg, f"every rank's shards of checkpoint-{r.step}")
-    if r.rank != 0:
-        return None
-    save_weights(r.unet, r.cfg, tmp, r.source, whole)
-    tensors = {} if r.sharded else {f"opt.{k}": v for k, v in r.opt.state_dict().items()}  # the weights: above only
-    tensors |= {f"rng.{k}": g.get_state() for k, g in r.rngs.items()
-                if isinstance(g, torch.Generator) and not (r.sharded and k == "rounding")}
-    tensors |= {"ema": r.ema} if r.ema is not None and not r.sharded else {}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "training_state.safetensors"))
-    state = {"step": r.step, "data": r.loader.state_dict(), "python_random": r.rngs["python"].getstate(),
-             "nonfinite_steps": r.nonfinite, "skipped_steps": r.skipped, "world_size": r.world,
-             "sharded": r.sharded, "class_data": r.class_loader.state_dict() if r.class_loader else None}
-    (tmp / "training_state.json").write_text(json.dumps(state, default=list))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # atomic: the checkpoint appears whole or not at all
-    shutil.rmtree(old, ignore_errors=True)
-    hub.write_card(r.cfg, final, repo_id=r.cfg.hub_model_id, step=r.step)  # the model card beside the weights
-    if r.cfg.push_checkpoints_to_hub:
-        hub.push(final, r.cfg.hub_model_id, private=r.cfg.hub_private, background=True, commit_message=f"step {r.step}")
-    done = _checkpoints(r.out)
-    for step in list(done)[: -r.cfg.checkpoints_total_limit] if r.cfg.checkpoints_total_limit else []:
-        shutil.rmtree(done[step], ignore_errors=True)
-    return final
-
-
-def sharded_state(r: Run) -> dict:
-    """What a sharded checkpoint keeps in sharded/ (torch.distributed.checkpoint): the optimizer's moments and
-    the EMA, per parameter, as DTensors of this run's sharding, which a load fills in place."""
-    state = {"optimizer": r.opt.param_state_dict()}
-    if r.ema is not None:
-        names = [n for n, p in r.unet.named_parameters() if p.requires_grad]
-        state["ema"] = dict(zip(names, r.opt.param_views(r.ema)))
-    return state
-
-
-def find_checkpoint(cfg: Config) -> Path | None:
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint != "latest":
-        path = Path(cfg.resume_from_checkpoint)
-        if not (path / "training_state.json").is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint={path}: not a checkpoint (no training_state.json)")
-        return path
-    done = _checkpoints(Path(cfg.output_dir))
-    return done[max(done)] if done else None
-
-
-def load_checkpoint(path: Path, r: Run) -> None:
-    """The state save_checkpoint wrote, into the run setup() made. A sharded checkpoint resumes under torchrun with
-    parallelism='fsdp' on any number of processes: at the same number exactly; at another, the moments are
-    resharded (8-bit ones within their precision) and stochastic rounding draws afresh."""
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "training_state.json").read_text())
-    if state.get("sharded", False) != r.sharded:
-        how = ("under torchrun with parallelism='fsdp' (any number of processes)" if state.get("sharded") else
-               "without FSDP (parallelism='ddp', or plain python train.py)")
-        raise ValueError(f"{path} was written by a {'sharded' if state.get('sharded') else 'unsharded'} run: resume "
-                         f"it {how}")
-    device = str(r.device)
-    tensors = load_file(str(path / "training_state.safetensors"), device=device)
-    if r.sharded:
-        whole = read_weights(path / "unet", dtype=r.dtype) if r.rank == 0 else {}  # rank 0 reads, all get shards
-        parallel.load_full_state_dict(r.unet, whole)
-        shards = sharded_state(r)
-        parallel.load_sharded(shards, path / "sharded")
-        r.opt.load_param_state_dict(shards["optimizer"])  # the EMA was filled in place
-        mine = path / f"rounding-rank{r.rank}.safetensors"
-        if state["world_size"] == r.world and mine.is_file():
-            r.rngs["rounding"].set_state(load_file(str(mine))["rounding"])
-    else:
-        load_weights(r.unet, r.cfg, path)
-        r.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
-        if r.ema is not None:
-            r.ema.copy_(tensors["ema"])
-    for name, g in r.rngs.items():
-        if isinstance(g, torch.Generator) and f"rng.{name}" in tensors:
-            g.set_state(tensors[f"rng.{name}"].cpu())
-    r.loader.load_state_dict(state["data"])
-    if r.class_loader is not None:
-        if state.get("class_data") is None:
-            raise ValueError(f"{path} was written by a run without with_prior_preservation: resume it without, or "
-                             "start the prior-preservation run afresh")
-        r.class_loader.load_state_dict(state["class_data"])
-    version, internal, gauss = state["python_random"]
-    r.rngs["python"].setstate((version, tuple(internal), gauss))
-    r.step, r.nonfinite, r.skipped = state["step"], state.get("nonfinite_steps", 0), state.get("skipped_steps", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +513,9 @@ def stop_on_signals():
 
 def main(cfg: Config) -> dict:
     if cfg.dry_run:
-        return dry_run(cfg)
+        import dryrun  # it builds on this file
+
+        return dryrun.dry_run(cfg)
     with stop_on_signals() as stop:
         return run(cfg, stop)
 
@@ -717,7 +552,7 @@ def run(cfg: Config, stop: list) -> dict:
         if validating and (r.rank == 0 or r.sharded):
             evaluate(r)
         if checkpointing:
-            save_checkpoint(r)
+            checkpoint.save_checkpoint(r)
         if validating or checkpointing:
             parallel.wait_for_rank0(r.group, cfg, f"the validation or checkpoint of step {r.step}")
     bar.close()
@@ -736,7 +571,7 @@ def run(cfg: Config, stop: list) -> dict:
             r.opt.load_weights(r.ema)  # the final weights are the EMA weights; the raw ones stay in the checkpoints
         whole = parallel.full_state_dict(r.unet) if r.sharded else None  # every rank sends its shards to rank 0
     if r.rank == 0 and not stopping:
-        save_weights(r.unet, cfg, r.out, r.source, whole, ema=r.ema is not None)
+        checkpoint.save_weights(r.unet, cfg, r.out, r.source, whole, ema=r.ema is not None)
         seconds = time.time() - t0
         peak = torch.cuda.max_memory_allocated() if r.device.type == "cuda" else _peak_rss()
         summary |= {"seconds": round(seconds, 1), "peak_memory_gib": round(peak / 2**30, 2),
@@ -753,147 +588,6 @@ def run(cfg: Config, stop: list) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# the dry run: train_step at real size on fake tensors, counted by memory.py
-
-
-class _ZeroText:
-    """The text cache's stand-in: zeros of T5's output shape [B, L, D] (bf16, as the cache stores them)."""
-
-    def __init__(self, length: int, dim: int):
-        self.length, self.dim = length, dim
-
-    def get(self, captions: list[str]) -> torch.Tensor:
-        return torch.zeros(len(captions), self.length, self.dim, dtype=torch.bfloat16)
-
-
-def unet_config_of(cfg: Config) -> dict:
-    """The U-Net config a run would build, without its weights: unet_config, else the unet/config.json of a local
-    `pretrained` folder, else the flavour's (model.FLAVOURS; for a Hub id, nothing is downloaded)."""
-    from model import FLAVOURS
-
-    if cfg.unet_config is not None:
-        return cfg.unet_config
-    folder = Path(cfg.weights)
-    for f in (folder / "unet" / "config.json", folder / "config.json"):
-        if f.is_file() and "block_out_channels" in (found := json.loads(f.read_text())):
-            return found
-    return FLAVOURS[cfg.model_flavour]["config"]
-
-
-def estimate_step(cfg: Config, fake: bool = True, flops: bool = True) -> dict:
-    """One training step of `cfg` at its real size, its live tensors counted by memory.LiveBytes, its FLOPs by
-    FlopCounterMode (in a second pass: FlopCounterMode's bookkeeping keeps tensors alive a little longer, which the
-    count would see). The U-Net comes from unet_config_of(cfg), the batch is at the largest bucket the datasets can
-    produce, the text at tokenizer_max_length; setup_model and train_step are the functions a real run uses.
-    fake=True runs on fake tensors (no memory, no GPU, no weights, images or T5); fake=False on real zeroed CPU
-    tensors, which is how tests check the fake count; flops=False skips the FLOP pass. Returns the counts
-    (memory_estimate.json's keys)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import memory
-
-    cfg = check_options(replace(cfg, unet_config=unet_config_of(cfg), compile=False), 1)
-    # planned for a GPU with bf16 (Ampere or newer), where mixed_precision="auto" means bf16
-    dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
-    (w, h), B, n_micro = data.largest_bucket(cfg), cfg.train_batch_size, cfg.gradient_accumulation_steps
-
-    def one_step(counter, live=None) -> dict:
-        unet, params, _ = setup_model(cfg, torch.device("meta"), dtype)
-        with FakeTensorMode() if fake else contextlib.nullcontext(), counter:
-            fresh = memory.materialise(unet)
-            params = [fresh[id(p)] for p in params]
-            opt = optimizer_for(cfg, params)
-            ema = opt.flat.clone() if cfg.use_ema else None
-            dim = unet.config["encoder_hid_dim"] or unet.config["cross_attention_dim"]
-            rngs = {"train": torch.Generator(), "rounding": torch.Generator(), "python": random.Random(cfg.seed)}
-            r = Run(cfg, 0, 1, torch.device("cpu"), dtype, Path(cfg.output_dir), diffusion.Schedule(), None,
-                    _ZeroText(cfg.tokenizer_max_length, dim), unet, unet, params, "", opt, ema, rngs, [], dry=True)
-            if live is not None:  # where the peak falls: hooks label the phases of the step as it runs
-                unet.register_forward_pre_hook(lambda *_: setattr(live, "phase", "forward"))
-                unet.register_forward_hook(lambda *_: setattr(live, "phase", "loss and backward"))
-                name = "end" if cfg.fused_backward else "grad_norm"
-                after = getattr(opt, name)
-
-                def backward_done():  # called once backward is over
-                    live.phase = "gradient norm, clipping and the optimizer step"
-                    return after()
-
-                setattr(opt, name, backward_done)
-            batch = {"pixels": torch.zeros(B, 3, h, w), "captions": [""] * B}
-            if cfg.stage == 2:
-                batch["low_res"] = torch.zeros(B, 3, h // 4, w // 4)
-            train_step(r, iter([batch] * n_micro))
-            if live is None:
-                return {}
-            frozen = [t for t in [*unet.parameters(), *unet.buffers()] if not t.requires_grad]
-            return live.breakdown({"weights": frozen, "trainable": [opt.flat], "grads": [opt.grad],
-                                   "optimizer": opt.state_tensors(), "ema": [ema]})
-
-    live, counter = memory.LiveBytes(), FlopCounterMode(display=False)
-    parts = one_step(live, live)
-    if flops:
-        one_step(counter)
-    return {"peak_bytes": live.peak, "peak_phase": live.peak_phase, **{f"{k}_bytes": v for k, v in parts.items()},
-            "flops_per_step": counter.get_total_flops() if flops else None, "samples_per_step": B * n_micro,
-            "resolution": [w, h], "dtype": str(dtype).removeprefix("torch.")}
-
-
-def shard_units(cfg: Config) -> tuple[list[int], int]:
-    """The bytes of each module FSDP shards on its own (parallel.shard), and of what the root keeps, for cfg's U-Net
-    in the training dtype (built on the meta device: no memory)."""
-    dtype = torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
-    with torch.device("meta"):
-        unet = build(unet_config_of(cfg), dtype=dtype)
-    units = [sum(p.nbytes for p in m.parameters()) for m in parallel.shard_units(unet)]
-    return units, sum(p.nbytes for p in unet.parameters()) - sum(units)
-
-
-def dry_run(cfg: Config) -> dict:
-    """`python train.py CONFIG --dry_run`: estimate_step on fake tensors, printed with the GPU verdicts and written to
-    {output_dir}/memory_estimate.json."""
-    import memory
-
-    est = estimate_step(cfg)
-    est |= {"allowance": memory.ALLOWANCE, "sustained_share": memory.SUSTAINED,
-            "gpus": memory.gpu_table(est["peak_bytes"], est["flops_per_step"], est["samples_per_step"])}
-    what = "unet_config" if cfg.unet_config else cfg.weights
-    (w, h) = est["resolution"]
-    kind = cfg.model_type + (" + DoRA" if cfg.use_dora else "") + (" + bitfit" if cfg.use_bitfit else "")
-    title = (f"dry run: {what} {kind}, batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} at {w}x{h} "
-             f"(the largest bucket), {est['dtype']}, gradient_checkpointing={cfg.gradient_checkpointing}")
-    parts = {k.removesuffix("_bytes"): v for k, v in est.items() if k.endswith("_bytes") and k != "peak_bytes"}
-    print(memory.report(title, est["peak_bytes"], est["peak_phase"], parts, est["flops_per_step"],
-                        est["samples_per_step"]))
-    sampling = sample.estimate(cfg, unet_config_of(cfg))
-    seconds = {g: sampling["flops"] / (tf * 1e12 * memory.SUSTAINED) for g, (_, tf) in memory.GPUS.items() if tf}
-    w, h = sampling["size"]
-    print(f"sample.py with this U-Net: peak {sampling['unet_peak_bytes'] / memory.GiB:.2f} GiB for {sampling['images']}"
-          f" image(s) at {w}x{h} with guidance, {sampling['flops'] / 1e12:.1f} TFLOP for {sampling['steps']} steps "
-          f"(~{seconds['RTX 4090']:.1f} s on an RTX 4090, ~{seconds['H100 SXM']:.1f} s on an H100); T5 encoding "
-          f"{cfg.text_encoder_batch_size} prompts at a time: peak {sampling['t5_peak_bytes'] / memory.GiB:.2f} GiB "
-          f"(T5 is freed before the U-Net loads)")
-    # validation samples one image at a time on the training U-Net, beside everything training keeps between steps
-    resident = sum(v for k, v in parts.items() if k != "activations")
-    phases = {"T5 encoding (the text cache)": sampling["t5_peak_bytes"], "training step": est["peak_bytes"],
-              "validation (training state + sampling)": resident + sampling["unet_peak_bytes"]
-              - sampling["unet_weights_bytes"], "sample.py": sampling["unet_peak_bytes"]}
-    print("each phase's predicted peak: " + ", ".join(f"{k} {v / memory.GiB:.2f} GiB" for k, v in phases.items()))
-    est |= {"sampling": sampling, "phases_bytes": phases}
-    if parallel.engine(cfg) == "fsdp":
-        units, root = shard_units(cfg)
-        per_rank = {n: memory.fsdp_peak(est["peak_bytes"], parts, n, max(units), root) for n in (2, 4, 8)}
-        print("torchrun with FSDP (parallelism='fsdp'), training step per rank: " + ", ".join(
-            f"{n} GPUs {v / memory.GiB:.2f} GiB" for n, v in per_rank.items()))
-        est["fsdp_per_rank_bytes"] = per_rank
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_estimate.json").write_text(json.dumps(est, indent=2) + "\n")
-    print(f"written: {out / 'memory_estimate.json'}")
-    return est
 
 
 def _peak_rss() -> int:

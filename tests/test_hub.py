@@ -16,11 +16,11 @@ import torch
 import yaml
 from PIL import Image
 
+import checkpoint
 import diffusion
 import hub
 import lora
 import t5cache
-import train
 from config import FLAVOUR_REPOS, Config, load_config
 from model import UNet, build, tiny_config
 
@@ -94,7 +94,7 @@ def test_card_says_what_the_folder_holds(tmp_path, stage, model_type, loss_type)
         Image.new("RGB", (8, 8), colour).save(out / "samples" / f"step-{step:06d}.png")
     ckpt = out / "checkpoint-15"
     ckpt.mkdir()
-    train.save_weights(trained_unet(cfg, build(tiny_config(stage))), cfg, ckpt, cfg.weights)
+    checkpoint.save_weights(trained_unet(cfg, build(tiny_config(stage))), cfg, ckpt, cfg.weights)
     meta, body = split_card(hub.write_card(cfg, ckpt, repo_id="me/corgi", step=15))
 
     assert meta["base_model"] == BASE[stage] and meta["license"] == "deepfloyd-if-license"
@@ -146,7 +146,7 @@ def test_card_of_a_random_init_and_its_options(tmp_path, t5):
     out = Path(cfg.output_dir)
     out.mkdir()
     cfg.save(out / "config.json")  # the final output_dir, as train.setup leaves it
-    train.save_weights(trained_unet(cfg, build(cfg.unet_config)), cfg, out, "random init")
+    checkpoint.save_weights(trained_unet(cfg, build(cfg.unet_config)), cfg, out, "random init")
     meta, body = split_card(hub.write_card(cfg, out))
     assert 'Sample with `variance_type="fixed_small"`' in body
     assert "base_model" not in meta and "base_model_relation" not in meta
@@ -203,7 +203,7 @@ def test_diffusers_code_loads_the_folder(tmp_path, t5, stage, model_type, loss_t
     out.mkdir()
     torch.manual_seed(stage)
     ours = trained_unet(cfg, UNet.from_pretrained(cfg.weights) if base else build(cfg.unet_config))
-    train.save_weights(ours, cfg, out, cfg.weights)
+    checkpoint.save_weights(ours, cfg, out, cfg.weights)
     _, body = split_card(hub.write_card(cfg, out))
     (code,) = code_blocks(body, "python")
     code = code[: code.index('pipe.to("cuda")')].replace("torch.float16", "torch.float32")

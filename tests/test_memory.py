@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import dryrun
 import memory
 import sample
 import train
@@ -53,7 +54,7 @@ def test_fake_step_counts_what_the_real_step_keeps(kind, checkpointing, stage, t
                  datasets=[{"instance_data_dir": "nowhere", "resolution": 32 * stage, "crop": True,
                             "crop_aspect": "square"}], **({"model_flavour": "ii-medium-450m"} if stage == 2 else {}),
                  **MEMORY.get(kind, {}))
-    fake, real = train.estimate_step(cfg, fake=True), train.estimate_step(cfg, fake=False)
+    fake, real = dryrun.estimate_step(cfg, fake=True), dryrun.estimate_step(cfg, fake=False)
     assert real["resolution"] == [32 * stage, 32 * stage]
     assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.01 * real["peak_bytes"], (fake, real)
     assert fake["flops_per_step"] == real["flops_per_step"] > 0
@@ -81,20 +82,20 @@ def test_the_small_card_recipes_fit_their_targets(tmp_path):
     """configs/i_xl_full_24gb.py: a full IF-I-XL fine-tune under 20 GiB (34 GiB without its options);
     configs/i_xl_lora_8gb.py: the LoRA step, the T5-XXL cache build and sampling each under 6 GiB."""
     full = load_config(["configs/i_xl_full_24gb.py", f"--output_dir={tmp_path}"])
-    est = train.estimate_step(full, flops=False)
+    est = dryrun.estimate_step(full, flops=False)
     assert est["peak_bytes"] < 20 * 2**30 and est["grads_bytes"] == 0
     assert est["optimizer_bytes"] < 1.05 * est["trainable_bytes"]  # two 8-bit moments per bf16 weight (bf16: 2x)
     small = load_config(["configs/i_xl_lora_8gb.py", f"--output_dir={tmp_path}"])
-    est = train.estimate_step(small, flops=False)
+    est = dryrun.estimate_step(small, flops=False)
     assert est["peak_bytes"] < 6 * 2**30 and est["weights_bytes"] < 4.2 * 2**30  # int8: ~1 byte per base weight
-    sampling = sample.estimate(small, train.unet_config_of(small))
+    sampling = sample.estimate(small, dryrun.unet_config_of(small))
     assert sampling["t5_peak_bytes"] < 6 * 2**30 and sampling["unet_peak_bytes"] < 6 * 2**30
 
 
 RSS_SCRIPT = """
 import json, sys
 import torch
-import train
+import dryrun
 from config import Config
 
 def status(key):
@@ -106,10 +107,10 @@ unet = dict(json.loads(sys.argv[1]), block_out_channels=[64, 128, 256], attentio
             encoder_hid_dim=256, cross_attention_dim=256, norm_num_groups=32)
 cfg = Config(unet_config=unet, model_type="lora", train_batch_size=8, mixed_precision="fp32", output_dir="-",
              datasets=[{"instance_data_dir": "-", "resolution": 64, "crop": True, "crop_aspect": "square"}])
-train.estimate_step(cfg, fake=True, flops=False)  # imports and first-call caches are not the step's
+dryrun.estimate_step(cfg, fake=True, flops=False)  # imports and first-call caches are not the step's
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS (VmHWM)
 base = status("VmRSS")
-live = train.estimate_step(cfg, fake=False, flops=False)["peak_bytes"]
+live = dryrun.estimate_step(cfg, fake=False, flops=False)["peak_bytes"]
 print(json.dumps({"live": live, "rss": status("VmHWM") - base}))
 """
 

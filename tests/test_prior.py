@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from test_train import config, project  # noqa: F401  (project is a fixture)
 
 import data
+import lora
 import prior
 import sample
 import train
@@ -45,13 +46,13 @@ def test_class_images_are_drawn_once_and_prior_runs_resume_exactly(project, tmp_
         assert row["loss"] == pytest.approx(row["mse"] + row["vlb"] + row["prior_loss"], rel=1e-5)
 
     train.main(prior_config(project, tmp_path, "b", max_train_steps=2))
-    (tmp_path / "b" / train.LORA_FILE).unlink()
+    (tmp_path / "b" / lora.LORA_FILE).unlink()
     train.main(prior_config(project, tmp_path, "b", resume_from_checkpoint="latest"))
     assert drawn == [2, 1] and [p.stat().st_mtime_ns for p in pngs] == mtimes  # reused, not redrawn
     state = json.loads((tmp_path / "b" / "checkpoint-2" / "training_state.json").read_text())
     seen = [s["epoch"] * s["steps_per_epoch"] + s["step"] for s in (state["data"], state["class_data"])]
     assert seen == [2, 2]  # batches handed out by each loader
-    a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in "ab")
+    a, b = (load_file(str(tmp_path / d / lora.LORA_FILE)) for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["prior_loss"] for r in rows(tmp_path / "b")] == [r["prior_loss"] for r in rows(tmp_path / "a")]
 
@@ -99,7 +100,7 @@ def test_regularisation_only_data_has_zero_loss_on_a_fresh_lora(project, tmp_pat
     train.main(reg_config(project, tmp_path, max_train_steps=2, checkpointing_steps=100))
     logged = rows(tmp_path / "out")
     assert [(r["regularisation_loss"], r["loss"], r["mse"]) for r in logged] == [(0.0, 0.0, 0.0)] * 2
-    B = [v for k, v in load_file(str(tmp_path / "out" / train.LORA_FILE)).items() if "lora_B" in k]
+    B = [v for k, v in load_file(str(tmp_path / "out" / lora.LORA_FILE)).items() if "lora_B" in k]
     assert B and all(not v.any() for v in B)
 
 
@@ -157,6 +158,6 @@ def test_two_processes_draw_the_class_images_once_and_train_as_one(project, tmp_
     assert len(list((tmp_path / "class").glob("*.png"))) == 3 == len(list((tmp_path / "class").glob("*.txt")))
     one = run(path, f"--output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
-    a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in ("one", "two"))
+    a, b = (load_file(str(tmp_path / d / lora.LORA_FILE)) for d in ("one", "two"))
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 5e-4  # training moved B off zero
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import diffusion
 import lora
@@ -256,7 +257,7 @@ def test_a_v_prediction_run_says_so_and_what_trains_on_it_keeps_it(project, tmp_
     lora_cfg = config(project, tmp_path, output_dir=str(tmp_path / "b"), model_type="lora", **on_base)
     assert train.loss_options(train.check_options(lora_cfg, 1))["prediction_type"] == "v_prediction"
     train.main(lora_cfg)
-    assert (tmp_path / "b" / train.LORA_FILE).is_file()
+    assert (tmp_path / "b" / lora.LORA_FILE).is_file()
     assert json.loads((tmp_path / "b" / "config.json").read_text())["prediction_type"] == "v_prediction"
     train.main(config(project, tmp_path, output_dir=str(tmp_path / "c"), model_type="full", **on_base))
     written = json.loads((tmp_path / "c" / "scheduler" / "scheduler_config.json").read_text())
@@ -278,7 +279,7 @@ def test_memory_options_resume_exactly_and_checkpoint_compact_states(options, pr
     train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "a"), **kw))
     train.main(config(project, tmp_path, max_train_steps=3, output_dir=str(tmp_path / "b"), **kw))
     shutil.rmtree(tmp_path / "b" / "unet", ignore_errors=True)
-    (tmp_path / "b" / train.LORA_FILE).unlink(missing_ok=True)
+    (tmp_path / "b" / lora.LORA_FILE).unlink(missing_ok=True)
     train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "b"),
                       resume_from_checkpoint="latest", **kw))
     if "model_type" not in MEMORY_OPTIONS[options]:
@@ -287,7 +288,7 @@ def test_memory_options_resume_exactly_and_checkpoint_compact_states(options, pr
     state = load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors"))
     assert all(k.startswith(("opt.", "rng.")) for k in state)  # the weights are stored once, in their own files
     if options == "LoRA on the int8 base":
-        a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in "ab")
+        a, b = (load_file(str(tmp_path / d / lora.LORA_FILE)) for d in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         return
     n = sum(v.numel() for v in a.values())
@@ -305,14 +306,14 @@ def test_a_lora_checkpoint_holds_its_weights_once_and_resumes_exactly(project, t
               lora_rank=4)
     train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "a"), **kw))
     train.main(config(project, tmp_path, max_train_steps=3, output_dir=str(tmp_path / "b"), **kw))
-    for name in (train.LORA_FILE, lora.BIASES_FILE):
+    for name in (lora.LORA_FILE, lora.BIASES_FILE):
         (tmp_path / "b" / name).unlink()
     train.main(config(project, tmp_path, max_train_steps=6, output_dir=str(tmp_path / "b"),
                       resume_from_checkpoint="latest", **kw))
-    files = {name: [load_file(str(tmp_path / d / name)) for d in "ab"] for name in (train.LORA_FILE, lora.BIASES_FILE)}
+    files = {name: [load_file(str(tmp_path / d / name)) for d in "ab"] for name in (lora.LORA_FILE, lora.BIASES_FILE)}
     for name, (a, b) in files.items():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert any(k.endswith("lora_magnitude_vector") for k in files[train.LORA_FILE][0])
+    assert any(k.endswith("lora_magnitude_vector") for k in files[lora.LORA_FILE][0])
     assert files[lora.BIASES_FILE][0] and all(k.endswith(".bias") for k in files[lora.BIASES_FILE][0])
     state = load_file(str(tmp_path / "b" / "checkpoint-3" / "training_state.safetensors"))
     assert all(k.startswith(("opt.", "rng.")) for k in state)
@@ -349,7 +350,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(project, tmp_path):
 
 def test_crash_while_checkpointing_keeps_the_previous_one(project, tmp_path, monkeypatch):
     cfg = config(project, tmp_path, max_train_steps=4, checkpointing_steps=2, model_type="lora")
-    real = train.save_weights
+    real = checkpoint.save_weights
     calls = []
 
     def flaky(unet, cfg, directory, *args, **kw):
@@ -358,15 +359,15 @@ def test_crash_while_checkpointing_keeps_the_previous_one(project, tmp_path, mon
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(train, "save_weights", flaky)
+    monkeypatch.setattr(checkpoint, "save_weights", flaky)
     with pytest.raises(OSError, match="simulated"):
         train.main(cfg)
     out = Path(cfg.output_dir)
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
     assert (out / "checkpoint-4.tmp").exists() and not (out / "checkpoint-4").exists()
-    monkeypatch.setattr(train, "save_weights", real)
+    monkeypatch.setattr(checkpoint, "save_weights", real)
     cfg.resume_from_checkpoint = "latest"
-    assert train.find_checkpoint(cfg).name == "checkpoint-2"
+    assert checkpoint.find_checkpoint(cfg).name == "checkpoint-2"
     assert train.main(cfg)["step"] == 4 and not (out / "checkpoint-4.tmp").exists()
 
 
@@ -434,7 +435,7 @@ def test_two_gloo_processes_equal_one(kind, project, tmp_path):
         torch.manual_seed(cfg.seed)
         init = train.build(cfg.unet_config).state_dict()
     else:
-        a, b = (load_file(str(tmp_path / d / train.LORA_FILE)) for d in ("one", "two"))
+        a, b = (load_file(str(tmp_path / d / lora.LORA_FILE)) for d in ("one", "two"))
         init = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()}  # only B starts at zero
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights by ~lr per step
     moved = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -464,10 +465,11 @@ def test_two_nodes_of_one_process_equal_one_process(project, tmp_path):
 DRIVER = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
+import checkpoint
 import train
 from config import parse_args
 
-step, save = train.train_step, train.save_weights
+step, save = train.train_step, checkpoint.save_weights
 
 
 def train_step(r, batches):  # a preemption signal that reaches rank 1 alone, after step {signal_at}
@@ -482,7 +484,7 @@ def save_weights(*args, **kwargs):  # a slow disk (rank 0 alone writes the weigh
     return save(*args, **kwargs)
 
 
-train.train_step, train.save_weights = train_step, save_weights
+train.train_step, checkpoint.save_weights = train_step, save_weights
 train.main(parse_args(sys.argv[1:], "driver"))
 """
 
@@ -599,7 +601,7 @@ def test_pruning_skips_unfinished_checkpoint_folders(project, tmp_path):
     names = sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*"))
     assert names == ["checkpoint-3", "checkpoint-4"]  # and the unfinished one is cleared away
     cfg.resume_from_checkpoint = "latest"
-    assert train.find_checkpoint(cfg).name == "checkpoint-4"
+    assert checkpoint.find_checkpoint(cfg).name == "checkpoint-4"
 
 
 def test_replacing_a_checkpoint_never_leaves_none(project, tmp_path, monkeypatch):
@@ -616,13 +618,13 @@ def test_replacing_a_checkpoint_never_leaves_none(project, tmp_path, monkeypatch
             raise OSError("power cut (simulated)")
         real(src, dst)
 
-    monkeypatch.setattr(train.os, "replace", crash)
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
     cfg.resume_from_checkpoint = str(out / "checkpoint-2")
     with pytest.raises(OSError, match="simulated"):
         train.main(cfg)
-    monkeypatch.setattr(train.os, "replace", real)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
     cfg.resume_from_checkpoint = "latest"
-    found = train.find_checkpoint(cfg)
+    found = checkpoint.find_checkpoint(cfg)
     assert found.name == "checkpoint-4.old"
     assert (found / "training_state.safetensors").read_bytes() == before  # whole, as it was
     cfg.max_train_steps = 6
@@ -709,13 +711,13 @@ def test_bitfit_weights_load_where_sample_py_loads(model_type, project, tmp_path
     sample.load_unet gives the trained U-Net."""
     cfg = config(project, tmp_path, model_type=model_type, use_bitfit=True, max_train_steps=2, learning_rate=1e-2,
                  lora_rank=4)
-    seen, real = [], train.save_weights
+    seen, real = [], checkpoint.save_weights
 
     def keep(unet, *a, **k):
         seen.append(unet)
         real(unet, *a, **k)
 
-    monkeypatch.setattr(train, "save_weights", keep)
+    monkeypatch.setattr(checkpoint, "save_weights", keep)
     train.main(cfg)
     out, trained = Path(cfg.output_dir), seen[-1]
     if model_type == "lora":
@@ -799,8 +801,8 @@ def test_cards_are_written_and_uploads_never_fail_the_run(project, tmp_path, mon
         front = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
         assert front["license"] == "deepfloyd-if-license" and "lora" in front["tags"]
     assert [c[0] for c in calls] == ["step 2", "step 4", "Upload out"]
-    assert train.LORA_FILE in calls[0][1] and not any("training_state" in f for c in calls for f in c[1])
-    assert "upload of" in capsys.readouterr().out and (out / train.LORA_FILE).is_file()  # the failure, reported
+    assert lora.LORA_FILE in calls[0][1] and not any("training_state" in f for c in calls for f in c[1])
+    assert "upload of" in capsys.readouterr().out and (out / lora.LORA_FILE).is_file()  # the failure, reported
     with pytest.raises(ValueError, match="hub_model_id"):
         train.check_options(config(project, tmp_path, push_to_hub=True), world=1)
 
@@ -830,13 +832,13 @@ def test_ema_interval_warmup_validation_and_final_weights(project, tmp_path, mon
     assert not torch.equal(seen[-1][0], seen[-1][1])  # the average is not the last weights
     seen.clear()
     train.main(config(project, tmp_path, output_dir=str(tmp_path / "raw"), ema_validation="none", **kw))
-    a, b = (load_file(str(tmp_path / d / "checkpoint-6" / train.LORA_FILE)) for d in ("cmp", "raw"))
+    a, b = (load_file(str(tmp_path / d / "checkpoint-6" / lora.LORA_FILE)) for d in ("cmp", "raw"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # validating the EMA changed nothing of the training
     grids = [Image.open(tmp_path / d / "samples" / "step-000006.png") for d in ("cmp", "raw")]
     assert grids[0].width == 2 * grids[1].width and grids[0].height == grids[1].height
-    assert lora.read_lora_metadata(tmp_path / "cmp" / train.LORA_FILE)["ema"] == "true"
-    assert "ema" not in lora.read_lora_metadata(tmp_path / "cmp" / "checkpoint-6" / train.LORA_FILE)
-    final = load_file(str(tmp_path / "cmp" / train.LORA_FILE))
+    assert lora.read_lora_metadata(tmp_path / "cmp" / lora.LORA_FILE)["ema"] == "true"
+    assert "ema" not in lora.read_lora_metadata(tmp_path / "cmp" / "checkpoint-6" / lora.LORA_FILE)
+    final = load_file(str(tmp_path / "cmp" / lora.LORA_FILE))
     assert not all(torch.equal(final[k], a[k]) for k in a)  # the EMA, not the raw weights of checkpoint-6
 
 
