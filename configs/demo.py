@@ -93,3 +93,4 @@ validation_guidance = 4.0
 validation_loss_images = 16
 logging_steps = 10
 resolution = "32"  # sample.py's stage I size: the demo's (stage II then upscales 4x, to 128 px)
+noise_level = 100  # sample.py: the low-res input's augmentation level for stage II (demo_ii.py trains 0-250)
