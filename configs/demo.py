@@ -93,4 +93,5 @@ validation_guidance = 4.0
 validation_loss_images = 16
 logging_steps = 10
 resolution = "32"  # sample.py's stage I size: the demo's (stage II then upscales 4x, to 128 px)
-noise_level = 100  # sample.py: the low-res input's augmentation level for stage II (demo_ii.py trains 0-250)
+noise_level = 100  # sample.py, stage II: the low-res input's augmentation level (demo_ii.py trains 0-250), and
+stage2_guidance = 1.0  # no guidance (demo_ii.py says why)

@@ -39,6 +39,8 @@ prediction_type = "v_prediction"
 snr_gamma = None
 noise_aug_range = (0, 250)
 validation_noise_level = 100
+validation_guidance = 1.0  # no guidance: the caption tells nothing the low-res input does not, and guidance 4 adds
+# grain to the flat areas (docs/demo.md); demo.py's sample.py settings upscale the same way
 timestep_sampling = "stratified"  # one t in each eighth of [0, 1000) per batch: a steadier loss
 noise_offset = 0.0
 checkpointing_steps = 500
