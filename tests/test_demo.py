@@ -200,11 +200,42 @@ def test_demo_lora_and_stage2_configs_train(demo, tmp_path):
 
 
 def test_the_upscale_check_fails_an_untrained_stage2():
-    """shapes.upscale_psnr, the stage II demo's yardstick (docs/demo.md): bilinear's PSNR on the held-out pictures is
-    that of a fair baseline (flat shapes, soft edges: well above 20 dB), and a random-init stage II, whose output is
-    noise, scores far below it, so beating bilinear is something only a trained upscaler does."""
+    """shapes.upscale_scores, the stage II demo's yardstick (docs/demo.md), on the held-out pictures: bilinear is a
+    fair baseline (flat shapes, soft edges: PSNR well above 20 dB, flat areas within 2 levels, edges blurred to well
+    under half the original's energy), the original moved by one pixel is crisp and clean, and a random-init stage
+    II, whose output is noise, fails sharper_than_bilinear: its edges may be loud, its flat areas are not clean."""
     cfg = load_config(["configs/demo_ii.py"])
     torch.manual_seed(0)
-    got = shapes.upscale_psnr(build(cfg.unet_config), ROOT / "data" / "demo" / "heldout", steps=4, limit=2,
-                              prediction_type=cfg.prediction_type)
-    assert got["n"] == 2 and got["bilinear"] > 20 and got["stage2"] < got["bilinear"] - 10, got
+    got = shapes.upscale_scores(build(cfg.unet_config), ROOT / "data" / "demo" / "heldout", steps=4, limit=2,
+                                prediction_type=cfg.prediction_type)
+    bilinear, shifted, ours = got["bilinear"], got["shifted"], got["stage2"]
+    assert got["n"] == 2 and bilinear["psnr"] > 20 and bilinear["flat"] < 2 and bilinear["edge"] < 0.4, got
+    assert shifted["edge"] > 0.9 and shifted["flat"] < 0.5, got
+    assert shapes.sharper_than_bilinear({"stage2": shifted, "bilinear": bilinear})  # what a crisp, clean upscale does
+    assert not shapes.sharper_than_bilinear({"stage2": bilinear, "bilinear": bilinear})
+    assert not shapes.sharper_than_bilinear(got) and ours["psnr"] < bilinear["psnr"] - 10, got
+
+
+def test_upscale_quality_reads_blur_grain_and_a_shift():
+    """upscale_quality on a drawn picture: itself scores edge 1 and flat 0; its 4x-down bilinear upscale keeps well
+    under half the edge energy; grain of 6 levels shows as ~6 levels RMS on the flats and leaves the edges; moved by
+    one pixel it keeps every edge's energy and clean flats, at a PSNR below the blur's."""
+    import random
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    import data
+
+    img = shapes.draw_one("red", "circle", "white", (128, 128), random.Random(0))
+    o = np.asarray(img)
+    same = shapes.upscale_quality(o, o)
+    assert same["edge"] == 1.0 and same["flat"] == 0.0
+    up = F.interpolate(sample.prepare_image(data.resize(img, (32, 32))), size=(128, 128), mode="bilinear")
+    blur = shapes.upscale_quality(data.to_pil(up)[0], o)
+    assert blur["edge"] < 0.4 and blur["flat"] < 2
+    grain = np.clip(o + np.random.default_rng(0).normal(0, 6, o.shape), 0, 255)
+    noisy = shapes.upscale_quality(grain, o)
+    assert 5 < noisy["flat"] < 7 and 0.9 < noisy["edge"] < 1.2
+    moved = shapes.upscale_quality(np.pad(o, ((1, 0), (1, 0), (0, 0)), mode="edge")[:-1, :-1], o)
+    assert moved["edge"] > 0.9 and moved["flat"] == 0.0 and moved["psnr"] < blur["psnr"]
