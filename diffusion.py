@@ -62,6 +62,12 @@ IF_SAMPLE_MAX = {1: 1.5, 2: 1.0}  # dynamic thresholding's upper bound (sample_m
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def check_prediction_type(prediction_type: str) -> None:
+    """Refuse a prediction_type that is not one of PREDICTION_TYPES."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+
+
 def scheduler_config(stage: int, variance: str = "learned_range", prediction_type: str = "epsilon") -> dict:
     """IF's scheduler config for `stage` (1 or 2), with `variance` as its variance_type and `prediction_type`."""
     return {**IF_SCHEDULER_CONFIG, "sample_max_value": IF_SAMPLE_MAX[stage], "variance_type": variance,
@@ -337,10 +343,9 @@ def p_sample_step(
 
     if prediction_type == "v_prediction":
         x0 = a_t**0.5 * x_t - (1 - a_t) ** 0.5 * eps  # x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
-    elif prediction_type == "epsilon":
-        x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # DDPM eq. 15
     else:
-        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+        check_prediction_type(prediction_type)
+        x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # DDPM eq. 15
     if thresholding is not None:
         x0 = dynamic_threshold(x0, *thresholding)
     elif clip_sample:
@@ -576,8 +581,7 @@ def training_losses(
             "snr_gamma and use_soft_min_snr are two weightings of the same term, and soft min-SNR is itself a soft "
             "min-SNR-gamma with gamma = 1 / soft_min_snr_sigma_data^2: set snr_gamma=None, or use_soft_min_snr=False"
         )
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+    check_prediction_type(prediction_type)
     out, x0, x_t, noise = model_output.float(), x0.float(), x_t.float(), noise.float()
     v_pred = prediction_type == "v_prediction"
     target = v_target(sched, x0, noise, t) if v_pred else noise

@@ -182,18 +182,27 @@ class Run:
     dry: bool = False  # a dry run's fake tensors have no values: its loss counts as finite
 
 
+def with_prediction_type(cfg: Config) -> Config:
+    """cfg with prediction_type=None made the base's own: its weights' scheduler config's, epsilon for a random init
+    (IF's). An adapter or bitfit run that names another than its base's is refused: it trains on the base's
+    objective (a full fine-tune may convert one)."""
+    adapter = cfg.model_type == "lora" or cfg.use_bitfit
+    if cfg.unet_config is not None or (cfg.prediction_type is not None and not adapter):
+        return cfg if cfg.prediction_type is not None else replace(cfg, prediction_type="epsilon")
+    base = sample.prediction_of(sample.read_scheduler_config(cfg.weights))
+    if cfg.prediction_type is not None and cfg.prediction_type != base:
+        raise ValueError(f"{cfg.weights} predicts {base} (its scheduler config) but the config says "
+                         f"prediction_type={cfg.prediction_type!r}: an adapter or bitfit trains on the base's own "
+                         f"objective, leave prediction_type unset (a full fine-tune may convert it)")
+    return replace(cfg, prediction_type=base)
+
+
 def check_options(cfg: Config, world: int) -> Config:
     """Refuse, before anything is loaded, loss options out of range (diffusion.py's own checks, run on a one-pixel
     batch), a new run into an output_dir that holds an earlier run's checkpoints, an adapter whose prediction_type is
     not its base's, and what fused_backward (optim.py) and quantise_base (quant.py) cannot do, saying what to do
-    instead. Returns cfg with prediction_type=None made the base's own (what the run trains and writes)."""
-    adapter = cfg.model_type == "lora" or cfg.use_bitfit
-    if cfg.unet_config is not None or (cfg.prediction_type is not None and not adapter):
-        base = "epsilon"  # a random init's; a full fine-tune that says its prediction_type need not read its base's
-    else:
-        base = sample.prediction_of(sample.read_scheduler_config(cfg.weights))
-    if cfg.prediction_type is None:
-        cfg = replace(cfg, prediction_type=base)
+    instead. Returns cfg as with_prediction_type completes it (what the run trains and writes)."""
+    cfg = with_prediction_type(cfg)
     z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
     diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg),
                               return_terms=True)
@@ -210,10 +219,6 @@ def check_options(cfg: Config, world: int) -> Config:
         raise ValueError(f"output_dir {cfg.output_dir} holds an earlier run's checkpoints ({', '.join(earlier)}); a "
                          f"new run there would mix its checkpoints and log with that run's: continue it with "
                          f"--resume_from_checkpoint=latest, or train into another output_dir")
-    if cfg.unet_config is None and adapter and base != cfg.prediction_type:
-        raise ValueError(f"{cfg.weights} predicts {base} (its scheduler config) but the config says "
-                         f"prediction_type={cfg.prediction_type!r}: an adapter or bitfit trains on the base's own "
-                         f"objective, leave prediction_type unset (a full fine-tune may convert it)")
     if cfg.quantise_base and cfg.model_type == "full" and not cfg.use_bitfit:
         raise ValueError("quantise_base holds the frozen weights in int8, and a full fine-tune freezes none: use "
                          "model_type='lora' (QLoRA), or turn quantise_base off")
