@@ -526,6 +526,17 @@ def input_perturbation_at(gamma: float, step: int, steps: int = 0) -> float:
     return gamma if steps == 0 else gamma * max(0.0, 1 - step / steps)
 
 
+def loss_options(cfg, weighted: bool = True) -> dict:
+    """training_losses' keyword arguments from a config (config.Config: its options of the same names);
+    `weighted=False` leaves the SNR weightings out (the held-out loss stays comparable across them)."""
+    options = dict(loss_type=cfg.loss_type, vlb_weight=cfg.vlb_weight, huber_c=cfg.huber_c,
+                   huber_schedule=cfg.huber_schedule, prediction_type=cfg.prediction_type)
+    if weighted:
+        options |= dict(snr_gamma=cfg.snr_gamma, use_soft_min_snr=cfg.use_soft_min_snr,
+                        soft_min_snr_sigma_data=cfg.soft_min_snr_sigma_data)
+    return options
+
+
 def training_losses(
     sched: Schedule,
     model_output: torch.Tensor,

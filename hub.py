@@ -66,7 +66,7 @@ def base_model(cfg: Config) -> str | None:
 
 
 def last_grid(out: str | Path, step: int | None = None) -> Path | None:
-    """The newest validation grid train.validate wrote in `out`/samples (step-NNNNNN.png), at or before `step`."""
+    """The newest validation grid validation.validate wrote in `out`/samples (step-NNNNNN.png), at or before `step`."""
     grids = sorted(Path(out, "samples").glob("step-*.png"))
     grids = [g for g in grids if step is None or int(g.stem.removeprefix("step-")) <= step]
     return grids[-1] if grids else None

@@ -255,7 +255,7 @@ def _model_and_cache(unet, cache, **given):
 def accuracy(unet, cache=None, captions: list[str] | None = None, *, seed: int = 0, steps: int = 25,
              guidance: float = 4.0, size=(32, 32), shapes=SHAPES, batch: int = 45,
              prediction_type: str | None = None) -> dict:
-    """Sample each caption once (stage I, as train.validate does: learned-range variance, the empty negative
+    """Sample each caption once (stage I, as validation.validate does: learned-range variance, the empty negative
     prompt, `steps` and `guidance` as the demo validates) with fixed seeds and judge the pictures.
     unet: a U-Net or a trained output_dir; cache: a TextCache or its folder (default: the demo's);
     prediction_type: None for the output_dir's own (a bare U-Net: epsilon)."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import data
@@ -37,6 +36,7 @@ import prior
 import quant
 import sample
 import t5cache
+import validation
 from config import Config, parse_args, stage_of, torch_dtype
 from metrics import Metrics, plot_losses
 from model import UNet, build
@@ -151,7 +151,7 @@ def text_for(captions: list[str], cache, cfg: Config, rnd: random.Random, world:
 
 @dataclass
 class Run:
-    """Everything a training run holds. setup() makes it; train_step, evaluate and the checkpoint functions read it
+    """Everything a training run holds. setup() makes it; train_step, validation.evaluate and checkpoint.py read it
     and advance `step`, `nonfinite` and `skipped`, which checkpoints save and a resume restores."""
 
     cfg: Config
@@ -204,7 +204,7 @@ def check_options(cfg: Config, world: int) -> Config:
     instead. Returns cfg as with_prediction_type completes it (what the run trains and writes)."""
     cfg = with_prediction_type(cfg)
     z, t = torch.zeros(1, 3, 1, 1), torch.zeros(1, dtype=torch.long)
-    diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **loss_options(cfg),
+    diffusion.training_losses(diffusion.Schedule(), torch.zeros(1, 6, 1, 1), z, z, t, z, **diffusion.loss_options(cfg),
                               return_terms=True)
     diffusion.offset_noise(z, cfg.noise_offset, cfg.noise_offset_probability)
     diffusion.input_perturbation(z, diffusion.input_perturbation_at(cfg.input_perturbation, 0,
@@ -260,7 +260,7 @@ def setup(cfg: Config) -> Run:
     cache = t5cache.prepare(cfg, t5cache.run_captions(cfg), progress=rank == 0)
     unet, params, source = setup_model(cfg, device, dtype, shard=sharded)
     lora.shard_dropout(unet, rank, world)  # LoRA dropout masks, like the noise, are drawn for the global batch
-    check_validation(cfg, unet, loader)
+    validation.check_validation(cfg, unet, loader)
     class_loader = None
     if cfg.with_prior_preservation:  # from the base model, before any training or resumed state changes it
         prior.make_class_images(cfg, unet, cache, device, dtype, rank, group, sharded)
@@ -295,17 +295,6 @@ def setup(cfg: Config) -> Run:
     return r
 
 
-def loss_options(cfg: Config, weighted: bool = True) -> dict:
-    """The config's options of diffusion.training_losses; `weighted=False` leaves the SNR weightings out (the
-    held-out loss stays comparable across them)."""
-    options = dict(loss_type=cfg.loss_type, vlb_weight=cfg.vlb_weight, huber_c=cfg.huber_c,
-                   huber_schedule=cfg.huber_schedule, prediction_type=cfg.prediction_type)
-    if weighted:
-        options |= dict(snr_gamma=cfg.snr_gamma, use_soft_min_snr=cfg.use_soft_min_snr,
-                        soft_min_snr_sigma_data=cfg.soft_min_snr_sigma_data)
-    return options
-
-
 def train_step(r: Run, batches) -> dict:
     """One optimizer step: gradient_accumulation_steps micro-batches from `batches`, then the clipped AdamW update,
     skipped (and counted) when the loss or the gradient is not finite. Advances r.step; returns what the log shows
@@ -335,7 +324,7 @@ def train_step(r: Run, batches) -> dict:
         # the gradients are reduced across ranks once, at the last backward of the step
         with parallel.gradient_sync(r.model, last and "class" not in batch):
             output = r.model(x_in, t, text, noise_level=level)
-            loss, parts = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **loss_options(cfg),
+            loss, parts = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **diffusion.loss_options(cfg),
                                                     return_terms=True)
             if reg is not None:
                 own = loss.new_zeros(loss.shape).index_put((reg,), ((output[reg].float() - base.float()) ** 2)
@@ -350,7 +339,8 @@ def train_step(r: Run, batches) -> dict:
             text = text_for(c["captions"], r.cache, cfg, r.rngs["python"], r.world, r.rank, r.device, r.dtype)
             with parallel.gradient_sync(r.model, last):
                 output = r.model(x_in, t, text, noise_level=level)
-                class_loss = diffusion.training_losses(r.sched, output, x0, x_t, t, noise, **loss_options(cfg))
+                class_loss = diffusion.training_losses(r.sched, output, x0, x_t, t, noise,
+                                                       **diffusion.loss_options(cfg))
                 (cfg.prior_loss_weight * class_loss.mean() / n_micro).backward()
             parts = {**parts, "prior_loss": class_loss.detach()}
         for k, v in parts.items():
@@ -379,124 +369,6 @@ def train_step(r: Run, batches) -> dict:
     total = terms["mse"] + cfg.vlb_weight * terms["vlb"] + cfg.prior_loss_weight * terms.get("prior_loss", 0.0) \
         + cfg.regularisation_loss_weight * terms.get("regularisation_loss", 0.0)
     return {"loss": total, **terms, "lr": lr, "grad_norm": norm}
-
-
-# ---------------------------------------------------------------------------------------------
-# validation: fixed prompts, sizes, images and seeds, so grids are comparable across steps
-
-
-def validation_sizes(cfg: Config, loader) -> list[tuple[int, int]]:
-    """(width, height) of the validation images: validation_resolution, else the first dataset's resolution."""
-    return data.parse_resolutions(cfg.validation_resolution or loader.datasets[0]["resolution"])
-
-
-def check_validation(cfg: Config, unet: UNet, loader) -> None:
-    """Refuse, before training starts, validation settings that the run's stage cannot honour."""
-    if cfg.stage == 2 and cfg.validation_prompts:
-        raise ValueError("validation_prompts are stage I's (text to image); stage II validation upscales num_eval_"
-                         "images held-out dataset images, with their own captions. Set validation_prompts=[]")
-    if cfg.stage == 1 and cfg.validation_noise_level is not None:
-        raise ValueError("validation_noise_level is stage II's (the low-res input's augmentation); unset it")
-    f = unet.downsample_factor if cfg.stage == 1 else max(unet.downsample_factor, 4)  # stage II: low-res is 1/4
-    for w, h in validation_sizes(cfg, loader) if cfg.validation_steps else []:
-        if w % f or h % f:
-            raise ValueError(f"validation_resolution {w}x{h}: both sides must be multiples of {f} for this U-Net")
-
-
-@torch.no_grad()
-def validate(r: Run, tag: str = "", beside: Path | None = None) -> Path:
-    """Stage I: each validation prompt at each validation size; stage II: each of the first num_eval_images
-    held-out images (low-res | upscaled | original) at each size. The same seed for every image. `tag` names the
-    weights in the labels (ema); `beside`: an earlier grid of this step, which the new one is put to the right
-    of, with the same seeds (the comparison of raw and EMA weights)."""
-    cfg, unet, device, dtype = r.cfg, r.unet, r.device, r.dtype
-    unet.eval()
-    variance = diffusion.sampler_variance(cfg.loss_type, unet.config["out_channels"])
-    kw = {} if cfg.validation_guidance is None else {"guidance": cfg.validation_guidance}  # None: the stage's own
-    kw["prediction_type"] = cfg.prediction_type
-    neg = r.cache.get([cfg.validation_negative_prompt]).to(device, dtype)
-    gen = torch.Generator(device).manual_seed(cfg.validation_seed)
-    sizes, images, labels = validation_sizes(cfg, r.loader), [], []
-    if cfg.stage == 1:
-        for prompt in cfg.validation_prompts:
-            for w, h in sizes:
-                gen.manual_seed(cfg.validation_seed)  # the same noise for every prompt: the prompt alone differs
-                x = sample.stage1(unet, r.cache.get([prompt]).to(device, dtype), neg, height=h, width=w,
-                                  steps=cfg.validation_num_inference_steps, variance=variance, generator=gen, **kw)
-                images += data.to_pil(x)
-                labels.append(f"{tag + ': ' if tag else ''}{prompt} ({w}x{h})")
-    else:
-        if cfg.validation_noise_level is not None:
-            kw["noise_level"] = cfg.validation_noise_level
-        for i in r.loader.eval_order[: cfg.num_eval_images]:
-            for w, h in sizes:
-                item = r.loader.items[r.loader.eval_request(i, (w, h))]
-                gen.manual_seed(cfg.validation_seed)
-                x = sample.stage2(unet, item["low_res"][None].to(device, dtype),
-                                  r.cache.get([item["caption"]]).to(device, dtype), neg, height=h, width=w,
-                                  steps=cfg.validation_num_inference_steps, variance=variance, generator=gen, **kw)
-                up = F.interpolate(item["low_res"][None].float(), size=(h, w), mode="nearest")
-                images += data.to_pil(torch.cat([up, x.float().cpu(), item["pixels"][None].float()]))
-                seen = "held out" if i in r.loader.held_out else "a training image"
-                labels += [f"low-res ({seen}): {item['caption']}", f"{tag + ' ' if tag else ''}upscaled {w}x{h}",
-                           "original"]
-    path = r.out / "samples" / f"step-{r.step:06d}.png"
-    if r.rank == 0:  # (sharded, every rank made the same grid)
-        from PIL import Image
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid = data.image_grid(images, labels, cols=len(sizes) if cfg.stage == 1 else 3)
-        if beside is not None:
-            left = Image.open(beside)
-            both = Image.new("RGB", (left.width + grid.width, max(left.height, grid.height)), "white")
-            both.paste(left), both.paste(grid, (left.width, 0))
-            grid = both
-        grid.save(path)
-    unet.train()
-    return path
-
-
-@torch.no_grad()
-def eval_loss(unet, items: list[dict], cache, sched, cfg: Config, device, dtype) -> float:
-    """Loss on the held-out images at fixed, evenly spread timesteps and fixed noise: a low-variance measure of
-    progress on pictures the run never trains on."""
-    unet.eval()
-    gen, losses = torch.Generator(device).manual_seed(1234), []
-    level = sample.NOISE_LEVEL if cfg.validation_noise_level is None else cfg.validation_noise_level
-    for i, item in enumerate(items):
-        x0 = item["pixels"][None].to(device, torch.float32)
-        t = torch.tensor([int((i + 0.5) * sched.num_train_timesteps / len(items))], device=device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
-        x_t = diffusion.q_sample(sched, x0, noise, t)
-        x_in, levels = x_t, None
-        if cfg.stage == 2:
-            levels, aug = torch.full_like(t, level), torch.randn(x0.shape, generator=gen, device=device)
-            low = item["low_res"][None].to(device, torch.float32)
-            x_in = torch.cat([x_t, diffusion.low_res_condition(sched, low, x0.shape[-2:], aug, levels)], 1)
-        out = unet(x_in.to(dtype), t, cache.get([item["caption"]]).to(device, dtype), noise_level=levels)
-        losses.append(diffusion.training_losses(sched, out, x0, x_t, t, noise, **loss_options(cfg, False)).item())
-    unet.train()
-    return sum(losses) / max(1, len(losses))
-
-
-def evaluate(r: Run, grids: bool = True) -> None:
-    """The held-out loss, then (with `grids`) the validation grid: on rank 0, or sharded on every rank (each
-    forward gathers the weights from all of them), rank 0 writing."""
-    if r.cfg.validation_loss_images:
-        value = eval_loss(r.unet, r.eval_items, r.cache, r.sched, r.cfg, r.device, r.dtype)
-        if r.metrics is not None:
-            r.metrics.write({"step": r.step, "eval_loss": value})
-    if grids and (r.cfg.validation_prompts or r.cfg.stage == 2):
-        mode = r.cfg.ema_validation if r.ema is not None else "none"
-        path = validate(r) if mode != "ema_only" else None
-        if mode != "none":
-            r.opt.swap_weights(r.ema)  # the EMA weights in place of the raw ones, then back (bit for bit)
-            try:
-                path = validate(r, "ema" if mode == "comparison" else "", beside=path)
-            finally:
-                r.opt.swap_weights(r.ema)
-        if r.metrics is not None:
-            r.metrics.image(path, r.step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +406,7 @@ def run(cfg: Config, stop: list) -> dict:
     cfg = r.cfg  # as check_options completed it (prediction_type)
     if r.step == 0 and cfg.validation_steps:
         if r.rank == 0 or r.sharded:  # (sharded, every rank runs the forward; rank 0 writes)
-            evaluate(r, grids=False)  # the untrained model's held-out loss: the baseline the curve should fall from
+            validation.evaluate(r, grids=False)  # the untrained model's held-out loss: where the curve starts
         parallel.wait_for_rank0(r.group, cfg, "the held-out loss at step 0")
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * r.world
     batches, t0, start = r.loader.stream(), time.time(), r.step
@@ -555,14 +427,14 @@ def run(cfg: Config, stop: list) -> dict:
         validating = cfg.validation_steps and r.step % cfg.validation_steps == 0
         checkpointing = r.step % cfg.checkpointing_steps == 0 or stopping
         if validating and (r.rank == 0 or r.sharded):
-            evaluate(r)
+            validation.evaluate(r)
         if checkpointing:
             checkpoint.save_checkpoint(r)
         if validating or checkpointing:
             parallel.wait_for_rank0(r.group, cfg, f"the validation or checkpoint of step {r.step}")
     bar.close()
     if (r.rank == 0 or r.sharded) and not stopping and cfg.validation_steps and r.step % cfg.validation_steps:
-        evaluate(r)  # the final weights' loss and samples
+        validation.evaluate(r)  # the final weights' loss and samples
     if r.rank == 0:
         r.metrics.close()
 

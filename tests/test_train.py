@@ -244,7 +244,7 @@ def test_a_v_prediction_run_says_so_and_what_trains_on_it_keeps_it(project, tmp_
     load_unet hands it to the sampler. On that base, prediction_type left unset is the base's own: a LoRA and a full
     fine-tune train v (the fine-tune writes it again); a LoRA that says epsilon is refused before it trains."""
     cfg = config(project, tmp_path, stage=2, prediction_type="v_prediction", max_train_steps=2)
-    assert train.loss_options(cfg)["prediction_type"] == "v_prediction"
+    assert diffusion.loss_options(cfg)["prediction_type"] == "v_prediction"
     train.main(cfg)
     base = tmp_path / "out"
     assert json.loads((base / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
@@ -255,7 +255,7 @@ def test_a_v_prediction_run_says_so_and_what_trains_on_it_keeps_it(project, tmp_
                           prediction_type="epsilon", **on_base))
     assert not (tmp_path / "a").exists()
     lora_cfg = config(project, tmp_path, output_dir=str(tmp_path / "b"), model_type="lora", **on_base)
-    assert train.loss_options(train.check_options(lora_cfg, 1))["prediction_type"] == "v_prediction"
+    assert diffusion.loss_options(train.check_options(lora_cfg, 1))["prediction_type"] == "v_prediction"
     train.main(lora_cfg)
     assert (tmp_path / "b" / lora.LORA_FILE).is_file()
     assert json.loads((tmp_path / "b" / "config.json").read_text())["prediction_type"] == "v_prediction"
